@@ -1,0 +1,12 @@
+"""Models: the recursive core (flat | dense TRM | MoEUT), its layers and the KV cache."""
+
+from ..config import ModelConfig
+from .trm import Model, act_loss, act_step, initial_carry
+
+
+def build_model(config: ModelConfig) -> Model:
+    """A model initialised from the reference's distributions (seed-reference.md §2, §5, §6)."""
+    return Model(config)
+
+
+__all__ = ["Model", "ModelConfig", "act_loss", "act_step", "build_model", "initial_carry"]

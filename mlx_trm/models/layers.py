@@ -1,0 +1,122 @@
+"""Building blocks shared by every variant: rms_norm, RoPE, causal attention, SwiGLU, init.
+
+Names of modules and parameters follow the PyTorch reference (``qkv_proj``, ``gate_up_proj``,
+``embedding_weight``) so a state dict converts key for key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# std of a standard normal truncated to [-2, 2]; dividing by it makes the truncated draw have
+# exactly the requested std (the reference's JAX-style trunc_normal_init_).
+TRUNC_NORMAL_STD = 0.87962566103423978
+
+
+def trunc_normal(shape: tuple[int, ...], std: float) -> mx.array:
+    """Truncated normal at +-2 "raw" sigma, rescaled so the result's std is exactly ``std``."""
+    if std == 0:
+        return mx.zeros(shape)
+    return mx.random.truncated_normal(-2.0, 2.0, shape) * (std / TRUNC_NORMAL_STD)
+
+
+def rms_norm(x: mx.array, eps: float = 1e-5) -> mx.array:
+    """RMS norm without a learnable gain, as the reference: x * rsqrt(mean(x^2) + eps)."""
+    return x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps)
+
+
+def rope_frequencies(dims: int, theta: float) -> mx.array:
+    """Wavelength-style frequencies for ``mx.fast.rope(freqs=...)``.
+
+    The reference builds ``inv_freq = 1 / theta ** (arange(0, dims, 2) / dims)`` and rotates in the
+    NeoX rotate-half layout; ``mx.fast.rope`` computes the angle as position / freqs, so passing
+    ``1 / inv_freq`` reproduces the reference table (to ~5e-7) at any position, with no fixed
+    512-entry table.
+    """
+    inv_freq = 1.0 / (theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+    return 1.0 / inv_freq
+
+
+def apply_rope(x: mx.array, freqs: mx.array, offset: int, dims: int | None = None) -> mx.array:
+    """NeoX-layout RoPE on ``x`` [B, H, T, Dh] at positions offset..offset+T-1 (first ``dims``)."""
+    dims = x.shape[-1] if dims is None else dims
+    return mx.fast.rope(x, dims, traditional=False, base=None, scale=1.0, offset=offset,
+                        freqs=freqs)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, cache: Any = None) -> mx.array:
+    """Causal softmax attention over [B, H, T, Dh] tensors, appending k/v to ``cache`` if given.
+
+    With a cache, queries sit at the end of the cached keys; ``mask="causal"`` aligns them there.
+    A single query (decode) needs no mask at all.
+    """
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    mask = "causal" if q.shape[2] > 1 else None
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+class Attention(nn.Module):
+    """Dense causal multi-head attention: fused qkv projection, RoPE on q and k, no biases."""
+
+    def __init__(self, hidden_size: int, num_heads: int, rope_theta: float = 10000.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.qkv_proj.weight = trunc_normal(self.qkv_proj.weight.shape, 1 / math.sqrt(hidden_size))
+        self.o_proj.weight = trunc_normal(self.o_proj.weight.shape, 1 / math.sqrt(hidden_size))
+        self._freqs = rope_frequencies(self.head_dim, rope_theta)
+
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        B, T, _ = x.shape
+        # [B, T, 3H, Dh] -> [B, 3H, T, Dh]; heads 0..H-1 are q, H..2H-1 k, 2H..3H-1 v.
+        qkv = self.qkv_proj(x).reshape(B, T, 3 * self.num_heads, self.head_dim)
+        qkv = qkv.transpose(0, 2, 1, 3)
+        q, k, v = mx.split(qkv, 3, axis=1)
+        offset = 0 if cache is None else cache.offset
+        q = apply_rope(q, self._freqs, offset)
+        k = apply_rope(k, self._freqs, offset)
+        out = attention(q, k, v, scale=1 / math.sqrt(self.head_dim), cache=cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+def swiglu_intermediate_size(hidden_size: int, expansion: float) -> int:
+    """The reference's width: round(expansion * D * 2/3) rounded up to a multiple of 256."""
+    return 256 * math.ceil(round(expansion * hidden_size * 2 / 3) / 256)
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up, then down; gate is the first half of the fused gate_up projection."""
+
+    def __init__(self, hidden_size: int, expansion: float):
+        super().__init__()
+        inter = swiglu_intermediate_size(hidden_size, expansion)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden_size, bias=False)
+        std = 1 / math.sqrt(hidden_size)
+        self.gate_up_proj.weight = trunc_normal((2 * inter, hidden_size), std)
+        self.down_proj.weight = trunc_normal((hidden_size, inter), 1 / math.sqrt(inter))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(nn.silu(gate) * up)
+
+
+class TiedEmbedding(nn.Module):
+    """Token embedding whose weight is also the output head (one parameter, one gradient)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.embedding_weight = trunc_normal((vocab_size, hidden_size), 1 / math.sqrt(hidden_size))
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.embedding_weight[ids]
+
+    def as_linear(self, h: mx.array) -> mx.array:
+        return h @ self.embedding_weight.T

@@ -1,0 +1,286 @@
+"""The Tiny Recursive Model for language: flat transformer, dense TRM and TRM + MoEUT.
+
+One small stack of blocks (``L_level``) is applied many times to refine two latent states:
+
+    repeat H_cycles:                     # all but the last cycle run without gradient
+        repeat L_cycles: z_L = L_level(z_L, z_H + x)
+        z_H = L_level(z_H, z_L)
+    logits = lm_head(z_H)                # rms_norm first for flat / MoEUT, not for dense TRM
+
+An ACT wrapper runs this inner forward up to ``halt_max_steps`` times per sequence, carrying the
+(detached) latents from one step to the next. At inference every sequence runs exactly
+``halt_max_steps`` steps from ``H_init``/``L_init`` and the last step's logits are the output.
+Everything is position-local except causal attention, so each stage is causal and a KV cache
+with one slot per (ACT step, H cycle, stage, layer) reproduces the full forward exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
+
+IGNORE_LABEL = -100
+
+
+class DenseBlock(nn.Module):
+    """Attention + SwiGLU. Dense TRM is post-norm; the flat baseline is pre-norm."""
+
+    def __init__(self, args: ModelConfig, pre_norm: bool):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.eps = args.rms_norm_eps
+        self.self_attn = Attention(args.hidden_size, args.num_heads, args.rope_theta)
+        self.mlp = SwiGLU(args.hidden_size, args.expansion)
+
+    def __call__(self, h: mx.array, cache: Any = None, record: list | None = None) -> mx.array:
+        if self.pre_norm:
+            h = h + self.self_attn(rms_norm(h, self.eps), cache)
+            return h + self.mlp(rms_norm(h, self.eps))
+        h = rms_norm(h + self.self_attn(h, cache), self.eps)
+        return rms_norm(h + self.mlp(h), self.eps)
+
+
+class MoEUTBlock(nn.Module):
+    """SwitchHead attention + sigma-MoE FFN with MoEUT's norm placement plus a forced post-norm.
+
+    Queries, keys and routers read the normalised residual; values and expert inputs read the
+    un-normalised one (the reference's "peri-norm").
+    """
+
+    def __init__(self, args: ModelConfig):
+        super().__init__()
+        from .moe import SigmaMoE, SwitchHead  # the MoE layers are only needed for MoEUT
+
+        self.eps = args.rms_norm_eps
+        init_scale = math.sqrt(2.0 / (args.H_cycles * args.L_cycles * args.L_layers))
+        balancing = dict(
+            bias_balancing=args.moe_bias_balancing,
+            bias_update_rate=args.moe_bias_update_rate,
+            bias_momentum=args.moe_bias_momentum,
+            bias_clip=args.moe_bias_clip,
+        )
+        self.self_attn = SwitchHead(
+            args.hidden_size, args.num_heads, args.moe_att_n_experts, args.moe_att_k,
+            init_scale=init_scale, rope_theta=args.rope_theta,
+            entropy_coef=args.moe_att_entropy_reg, **balancing,
+        )
+        self.mlp = SigmaMoE(
+            args.hidden_size, args.moe_ff_n_experts, args.moe_ff_expert_size, args.moe_ff_k,
+            init_scale=init_scale, entropy_coef=args.moe_entropy_reg, **balancing,
+        )
+
+    def __call__(self, h: mx.array, cache: Any = None, record: list | None = None) -> mx.array:
+        a = rms_norm(h, self.eps)
+        h = rms_norm(h + self.self_attn(a, h, cache=cache, record=record), self.eps)
+        f = rms_norm(h, self.eps)
+        return rms_norm(h + self.mlp(h, f, record=record), self.eps)
+
+
+class ReasoningModule(nn.Module):
+    """``L_level``: add the injection, then apply the blocks in order."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = layers
+
+    def __call__(self, z: mx.array, injection: mx.array, caches: Iterator | None = None,
+                 record: list | None = None) -> mx.array:
+        h = z + injection
+        for layer in self.layers:
+            h = layer(h, next(caches) if caches is not None else None, record)
+        return h
+
+
+class Model(nn.Module):
+    """The reference's TinyRecursiveReasoningModel_ACTV1 (inner model + ACT wrapper) for text.
+
+    ``model(inputs)`` is the inference forward; training uses :func:`act_step` and
+    :func:`act_loss`, which expose the ACT carry.
+    """
+
+    def __init__(self, args: ModelConfig):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.model_type = "trm"
+        D = args.hidden_size
+        self.embed_scale = math.sqrt(D)
+        self.embed_tokens = TiedEmbedding(args.vocab_size, D)
+        self.q_head = nn.Linear(D, 2, bias=True)
+        # q_head starts at "do not halt": zero weight, both logits -5.
+        self.q_head.weight = mx.zeros((2, D))
+        self.q_head.bias = mx.full((2,), -5.0)
+        # Initial latents: buffers (saved with the weights, never trained).
+        self.H_init = trunc_normal((D,), 1.0)
+        self.L_init = trunc_normal((D,), 1.0)
+        if args.flat_transformer:
+            self.flat_layers = [DenseBlock(args, pre_norm=True) for _ in range(args.L_layers)]
+        else:
+            block = (lambda: MoEUTBlock(args)) if args.use_moeut else (
+                lambda: DenseBlock(args, pre_norm=False))
+            self.L_level = ReasoningModule([block() for _ in range(args.L_layers)])
+        self.freeze(keys=["H_init", "L_init"], recurse=False)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The distinct blocks (mlx-lm convention); each is applied many times per forward."""
+        return self.flat_layers if self.args.flat_transformer else self.L_level.layers
+
+    @property
+    def num_cache_slots(self) -> int:
+        """One KV slot per layer application: N_max * H_cycles * (L_cycles + 1) * L_layers."""
+        return self.args.halt_max_steps * self.args.layer_applications_per_act_step
+
+    def make_cache(self) -> list[KVCache]:
+        """A fresh recursion-aware cache: one KV slot per layer application of a forward."""
+        return [KVCache() for _ in range(self.num_cache_slots)]
+
+    def initial_latents(self, batch_size: int, seq_len: int) -> tuple[mx.array, mx.array]:
+        shape = (batch_size, seq_len, self.args.hidden_size)
+        return mx.broadcast_to(self.H_init, shape), mx.broadcast_to(self.L_init, shape)
+
+    def inner(self, z_H: mx.array, z_L: mx.array, inputs: mx.array,
+              caches: Iterator | None = None, record: list | None = None
+              ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """One ACT step: refine (z_H, z_L) and read out logits [B,T,V] and q logits [B,2].
+
+        ``caches`` yields one KV slot per layer application, in execution order. ``record``, a
+        list, collects MoE router calls (entropy regulariser, bias balancing); None in eval.
+        """
+        args = self.args
+        x = self.embed_scale * self.embed_tokens(inputs)
+        if args.flat_transformer:
+            h = x
+            for layer in self.flat_layers:
+                h = layer(h, next(caches) if caches is not None else None, record)
+            z_H = z_L = h
+        else:
+            if args.H_cycles > 1:
+                # The reference runs these cycles under torch.no_grad(): only the last cycle is
+                # back-propagated, so the latents and the router logits they recorded are cut.
+                early = [] if record is not None else None
+                for _ in range(args.H_cycles - 1):
+                    for _ in range(args.L_cycles):
+                        z_L = self.L_level(z_L, z_H + x, caches, early)
+                    z_H = self.L_level(z_H, z_L, caches, early)
+                z_H, z_L = mx.stop_gradient(z_H), mx.stop_gradient(z_L)
+                if record is not None:
+                    record.extend((m, name, mx.stop_gradient(logits), idx)
+                                  for m, name, logits, idx in early)
+            for _ in range(args.L_cycles):
+                z_L = self.L_level(z_L, z_H + x, caches, record)
+            z_H = self.L_level(z_H, z_L, caches, record)
+        out = rms_norm(z_H, args.rms_norm_eps) if (args.use_moeut or args.flat_transformer) else z_H
+        logits = self.embed_tokens.as_linear(out)
+        q_logits = self.q_head(out[:, 0])
+        return z_H, z_L, logits, q_logits
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """Inference: fresh carry, exactly ``halt_max_steps`` ACT steps, last step's logits.
+
+        With a cache from :meth:`make_cache`, ``inputs`` continue at the cache's offset (a prompt
+        chunk, or one token when decoding); each layer application reads and extends its slot.
+        """
+        B, T = inputs.shape
+        z_H, z_L = self.initial_latents(B, T)
+        caches = iter(cache) if cache is not None else None
+        for _ in range(self.args.halt_max_steps):
+            z_H, z_L, logits, _ = self.inner(z_H, z_L, inputs, caches)
+        return logits
+
+
+# ----------------------------------------------------------------------------------------------
+# ACT carry and loss (training and the reference's evaluation)
+
+
+def initial_carry(model: Model, batch_size: int, seq_len: int) -> dict[str, mx.array]:
+    """Every row halted, so the first ACT step resets its latents and adopts new data."""
+    D = model.args.hidden_size
+    return {
+        "z_H": mx.zeros((batch_size, seq_len, D)),
+        "z_L": mx.zeros((batch_size, seq_len, D)),
+        "steps": mx.zeros((batch_size,), dtype=mx.int32),
+        "halted": mx.ones((batch_size,), dtype=mx.bool_),
+        "inputs": mx.zeros((batch_size, seq_len), dtype=mx.int32),
+        "labels": mx.full((batch_size, seq_len), IGNORE_LABEL, dtype=mx.int32),
+    }
+
+
+def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels: mx.array, *,
+             training: bool, record: list | None = None
+             ) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+    """One ACT step with the reference's carry semantics (seed-reference.md §7).
+
+    Halted rows restart from (H_init, L_init) on the new batch's row; the other rows keep
+    refining their old data and the new batch's row is dropped. A row halts after
+    ``halt_max_steps`` steps; in training (and only with halt_max_steps > 1) also when
+    q_halt > 0, unless exploration drew a larger minimum number of steps for it.
+    The caller starts a fresh carry when the batch size changes.
+    """
+    args = model.args
+    halted = carry["halted"]
+    row = halted[:, None]
+    z_H = mx.where(row[..., None], model.H_init, carry["z_H"])
+    z_L = mx.where(row[..., None], model.L_init, carry["z_L"])
+    steps = mx.where(halted, 0, carry["steps"])
+    inputs = mx.where(row, inputs, carry["inputs"])
+    labels = mx.where(row, labels, carry["labels"])
+
+    z_H, z_L, logits, q_logits = model.inner(z_H, z_L, inputs, record=record)
+
+    steps = steps + 1
+    halted = steps >= args.halt_max_steps
+    if training and args.halt_max_steps > 1:
+        halted = halted | (q_logits[:, 0] > 0)
+        B = steps.shape[0]
+        explore = mx.random.uniform(shape=(B,)) < args.halt_exploration_prob
+        min_halt_steps = explore * mx.random.randint(2, args.halt_max_steps + 1, (B,))
+        halted = halted & (steps >= min_halt_steps)
+
+    new_carry = {
+        "z_H": mx.stop_gradient(z_H),
+        "z_L": mx.stop_gradient(z_L),
+        "steps": steps,
+        "halted": halted,
+        "inputs": inputs,
+        "labels": labels,
+    }
+    outputs = {"logits": logits, "q_halt_logits": q_logits[:, 0],
+               "q_continue_logits": q_logits[:, 1]}
+    return new_carry, outputs
+
+
+def act_loss(outputs: dict[str, mx.array], labels: mx.array) -> tuple[mx.array, dict]:
+    """The reference ACTLossHead (§8), before division by the global batch size.
+
+    lm = sum over rows of each row's mean token cross-entropy; q_halt is trained toward
+    "every label token of the row is predicted exactly"; total = lm + 0.5 * q_halt.
+    """
+    logits = outputs["logits"].astype(mx.float32)
+    mask = labels != IGNORE_LABEL
+    n_tokens = mask.sum(axis=-1)
+    safe_labels = mx.where(mask, labels, 0)
+    ce = nn.losses.cross_entropy(logits, safe_labels, reduction="none") * mask
+    lm_loss = (ce.sum(axis=-1) / mx.maximum(n_tokens, 1)).sum()
+    correct = mask & (mx.argmax(logits, axis=-1) == labels)
+    exact = correct.sum(axis=-1) == n_tokens
+    q_halt_loss = nn.losses.binary_cross_entropy(
+        outputs["q_halt_logits"], exact.astype(mx.float32), with_logits=True, reduction="sum")
+    total = lm_loss + 0.5 * q_halt_loss
+    metrics = {
+        "lm_loss": lm_loss,
+        "q_halt_loss": q_halt_loss,
+        "token_ce_sum": ce.sum(),
+        "n_tokens": n_tokens.sum(),
+        "correct": correct.sum(),
+        "exact": exact.sum(),
+    }
+    return total, metrics
