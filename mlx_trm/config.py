@@ -115,6 +115,11 @@ class ModelConfig:
             need(self.moe_att_n_experts >= 2,
                  "moe_att_n_experts: 1 (gated single-expert attention) is not supported")
             need(self.moe_ff_expert_size >= 1, "moe_ff_expert_size must be >= 1")
+            need(self.moe_expert_dropout == 0.0,
+                 "moe_expert_dropout is not implemented (0 in every reference config); set 0")
+            need(self.moe_balance_coef == 0.0,
+                 "moe_balance_coef (auxiliary balance loss) is not implemented; the reference "
+                 "configs use bias balancing with coef 0")
 
 
 @dataclass
@@ -306,3 +311,19 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         out_dir=str(raw.get("out_dir", "runs/default")),
     )
     return config.validate()
+
+
+def cli_errors(main: typing.Callable[..., Any]) -> typing.Callable[..., Any]:
+    """Wrap a CLI entry point: a ConfigError becomes one line on stderr and exit code 2."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapped

@@ -190,6 +190,10 @@ class Model(nn.Module):
         chunk, or one token when decoding); each layer application reads and extends its slot.
         """
         B, T = inputs.shape
+        if cache is not None and len(cache) != self.num_cache_slots:
+            # A cache made for other recursion settings would silently misalign the slots.
+            raise ValueError(f"cache has {len(cache)} slots, this model needs "
+                             f"{self.num_cache_slots}; make it with model.make_cache()")
         z_H, z_L = self.initial_latents(B, T)
         caches = iter(cache) if cache is not None else None
         for _ in range(self.args.halt_max_steps):
@@ -215,7 +219,7 @@ def initial_carry(model: Model, batch_size: int, seq_len: int) -> dict[str, mx.a
 
 
 def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels: mx.array, *,
-             training: bool, record: list | None = None
+             training: bool, record: list | None = None, key: mx.array | None = None
              ) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
     """One ACT step with the reference's carry semantics (seed-reference.md §7).
 
@@ -223,7 +227,8 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     refining their old data and the new batch's row is dropped. A row halts after
     ``halt_max_steps`` steps; in training (and only with halt_max_steps > 1) also when
     q_halt > 0, unless exploration drew a larger minimum number of steps for it.
-    The caller starts a fresh carry when the batch size changes.
+    The caller starts a fresh carry when the batch size changes. ``key`` seeds the exploration
+    draw (the global random state when None).
     """
     args = model.args
     halted = carry["halted"]
@@ -241,8 +246,9 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     if training and args.halt_max_steps > 1:
         halted = halted | (q_logits[:, 0] > 0)
         B = steps.shape[0]
-        explore = mx.random.uniform(shape=(B,)) < args.halt_exploration_prob
-        min_halt_steps = explore * mx.random.randint(2, args.halt_max_steps + 1, (B,))
+        k1, k2 = mx.random.split(key) if key is not None else (None, None)
+        explore = mx.random.uniform(shape=(B,), key=k1) < args.halt_exploration_prob
+        min_halt_steps = explore * mx.random.randint(2, args.halt_max_steps + 1, (B,), key=k2)
         halted = halted & (steps >= min_halt_steps)
 
     new_carry = {

@@ -1,0 +1,172 @@
+"""Model directories: config.json + model.safetensors (+ tokenizer, + train_state/ to resume).
+
+Every write goes to a temporary sibling directory that is renamed into place, so a crash never
+leaves a half-written checkpoint, and the previous one survives until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ConfigError, ModelConfig, model_config_from_dict
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def model_weights(model: nn.Module) -> dict[str, mx.array]:
+    """All arrays a model needs to be rebuilt: parameters and buffers (H_init, expert biases...)."""
+    return dict(tree_flatten(model.parameters()))
+
+
+def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a fresh temporary directory, then swap it in for ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a model dir is an ordinary folder
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def model_config_json(config: ModelConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    data = {"model_type": "trm", **asdict(config)}
+    data.update(extra or {})
+    return data
+
+
+def write_model_dir(dir: Path, model: nn.Module, tokenizer: Any = None,
+                    extra_config: dict[str, Any] | None = None) -> None:
+    """Write a model's config, weights and tokenizer into an existing directory."""
+    config = model_config_json(model.args, extra_config)
+    write_json_atomic(dir / CONFIG_FILE, config)
+    mx.save_safetensors(str(dir / WEIGHTS_FILE), model_weights(model), metadata={"format": "mlx"})
+    if tokenizer is not None:
+        tokenizer.save(dir)
+
+
+def save(path: str | Path, model: nn.Module, tokenizer: Any = None,
+         extra_config: dict[str, Any] | None = None,
+         extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Save ``model`` (and ``tokenizer``) as a model directory, atomically."""
+
+    def write(tmp: Path) -> None:
+        write_model_dir(tmp, model, tokenizer, extra_config)
+        if extra_files is not None:
+            extra_files(tmp)
+
+    return write_atomic_dir(path, write)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a training run directory holding one in ``model/``."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    return path
+
+
+def read_model_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The ModelConfig of a model directory, and its raw config.json."""
+    path = resolve_model_dir(path)
+    if not path.is_dir():
+        raise ConfigError(f"model directory {path} not found; pass --model DIR of a saved model "
+                          "(or convert a PyTorch checkpoint with mlx_trm.convert)")
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise ConfigError(f"{path} is not a model directory (no {CONFIG_FILE}); pass the folder "
+                          "written by mlx_trm.train, mlx_trm.save or mlx_trm.convert")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} is not valid JSON ({e}); re-save or re-convert the model") from e
+    if raw.get("model_type") != "trm":
+        raise ConfigError(f"{file} has model_type {raw.get('model_type')!r}, not 'trm'; "
+                          "this loader reads mlx-trm model directories only")
+    return model_config_from_dict(raw, strict=False), raw
+
+
+def load_weights_strict(model: nn.Module, weights: dict[str, mx.array], source: str) -> None:
+    """Load weights, naming every missing, unexpected or mis-shaped key."""
+    expected = model_weights(model)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:8])}"
+                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:8])}"
+                         + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        raise ConfigError(f"{source} does not match the architecture in its config; "
+                          + "; ".join(parts))
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ConfigError(f"{source}: shape mismatch for {key}: checkpoint "
+                              f"{tuple(value.shape)} vs model {tuple(expected[key].shape)}")
+    model.update(tree_unflatten([(k, v.astype(expected[k].dtype)) for k, v in weights.items()]))
+
+
+def load(path: str | Path, model_config: dict[str, Any] | None = None
+         ) -> tuple[nn.Module, Any]:
+    """Load a model directory: ``(model, tokenizer)``; tokenizer is None if the dir has none.
+
+    ``model_config`` overrides config fields at load time, e.g. ``{"halt_max_steps": 8}`` for more
+    test-time refinement (the weights do not depend on it). Same signature as ``mlx_lm.load``.
+    """
+    from .config import dataclass_from_dict
+    from .models import build_model
+
+    path = resolve_model_dir(path)
+    config, _ = read_model_config(path)
+    if model_config:
+        from dataclasses import asdict
+
+        config = dataclass_from_dict(ModelConfig, {**asdict(config), **model_config}, "model")
+    model = build_model(config)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise ConfigError(f"{path} has no {WEIGHTS_FILE}; the directory is incomplete")
+    load_weights_strict(model, mx.load(str(weights_file)), str(weights_file))
+    mx.eval(model.parameters())
+    return model, load_dir_tokenizer(path)
+
+
+def load_dir_tokenizer(path: Path) -> Any:
+    if (path / "tokenizer.model").is_file() or (path / "tokenizer.json").is_file():
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer(str(path))
+    return None

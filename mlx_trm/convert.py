@@ -1,0 +1,231 @@
+"""Convert between the reference's PyTorch checkpoints and mlx-trm model directories.
+
+    mlx_trm.convert --torch-to-mlx runs/.../step_N.pt OUT_DIR [--tokenizer PATH]
+    mlx_trm.convert --mlx-to-torch MODEL_DIR OUT.pt
+
+A reference checkpoint is ``{"model_state_dict", "config", "step", "sequences_consumed"}`` with
+keys under ``model.inner.`` (seed-reference.md §9, §13). Our parameter names are the reference's
+without that prefix; the tied ``lm_head.weight`` duplicate exists only on the torch side, and old
+flat checkpoints named their layers ``L_level.layers.*`` instead of ``flat_layers.*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .checkpoint import load, load_weights_strict, save
+from .config import ConfigError, ModelConfig, cli_errors, model_config_from_dict
+
+PREFIX = "model.inner."
+REFERENCE_ARCH = "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"
+REFERENCE_LOSS = {"name": "losses@ACTLossHead", "loss_type": "softmax_cross_entropy"}
+TOKENIZER_HINT = "pass --tokenizer PATH (a tokenizer.json / tokenizer.model, or gpt-neo-10k)"
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError("the converter needs PyTorch: pip install 'mlx-trm[torch]' "
+                          "(or pip install torch)") from None
+    return torch
+
+
+def read_torch_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a reference checkpoint dict (tensors stay torch tensors)."""
+    torch = _torch()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found; pass the step_N.pt written by the "
+                          "reference trainer")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise ConfigError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}); pass the "
+                          "step_N.pt written by the reference trainer") from None
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
+        raise ConfigError(f"{path} is not a reference checkpoint: expected a dict with "
+                          "'model_state_dict' and 'config'")
+    return checkpoint
+
+
+def arch_from_checkpoint(checkpoint: dict[str, Any], state: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig described by a checkpoint's config (nested ``arch`` dict or flat keys)."""
+    config = checkpoint.get("config") or {}
+    arch = config.get("arch", config)
+    if not isinstance(arch, dict) or not arch:
+        raise ConfigError("the checkpoint has no 'config' with the model architecture; "
+                          "it was not written by the reference trainer")
+    name = arch.get("name", REFERENCE_ARCH)
+    if name != REFERENCE_ARCH:
+        raise ConfigError(f"unknown architecture {name!r}: only {REFERENCE_ARCH} (the reference's "
+                          "text model) converts")
+    known = set(ModelConfig.__dataclass_fields__)
+    values = {k: v for k, v in arch.items() if k in known and k != "name"}
+    embedding = state.get("embed_tokens.embedding_weight")
+    if embedding is not None:
+        values["vocab_size"] = int(embedding.shape[0])
+    if "seq_len" in config:
+        values["seq_len"] = int(config["seq_len"])
+    run = str(config.get("checkpoint_path") or "")
+    values["name"] = next((p for p in Path(run).parts if p.startswith("trm_")), "trm")
+    model_config = model_config_from_dict(values)
+    model_config.validate()
+    return model_config
+
+
+def torch_state_to_mlx(state_dict: dict[str, Any], flat: bool) -> dict[str, mx.array]:
+    """Reference state dict -> our weight names (prefix stripped, tied duplicate dropped)."""
+    state = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in state_dict.items()}
+    if flat and not any(k.startswith("flat_layers.") for k in state):
+        state = {k.replace("L_level.layers.", "flat_layers.", 1): v for k, v in state.items()}
+    head = state.pop("lm_head.weight", None)
+    embedding = state.get("embed_tokens.embedding_weight")
+    if head is not None and embedding is not None and not bool((head == embedding).all()):
+        raise ConfigError("lm_head.weight differs from the embedding: only tied "
+                          "(tie_word_embeddings: true) checkpoints are supported")
+    return {k: mx.array(v.detach().cpu().float().numpy()) for k, v in state.items()}
+
+
+def torch_to_mlx(checkpoint_path: str | Path, out_dir: str | Path,
+                 tokenizer: str | None = None) -> Path:
+    """Convert a reference ``step_N.pt`` into a model directory."""
+    from .models import build_model
+
+    checkpoint = read_torch_checkpoint(checkpoint_path)
+    raw_state = checkpoint["model_state_dict"]
+    stripped = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw_state.items()}
+    config = arch_from_checkpoint(checkpoint, stripped)
+    model = build_model(config)
+    load_weights_strict(model, torch_state_to_mlx(raw_state, config.flat_transformer),
+                        str(checkpoint_path))
+    tok = None
+    if tokenizer is not None:
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    reference = {
+        "config": json.loads(json.dumps(checkpoint.get("config", {}), default=str)),
+        "step": int(checkpoint.get("step", 0)),
+        "sequences_consumed": int(checkpoint.get("sequences_consumed", 0)),
+        "state_dict_keys": list(raw_state),
+    }
+    return save(out_dir, model, tok, extra_config={"reference": reference})
+
+
+def mlx_to_torch_state(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A model directory as ``(state_dict, checkpoint_extras)`` in the reference's format."""
+    torch = _torch()
+    from .checkpoint import model_weights, read_model_config
+
+    model_dir = Path(model_dir)
+    _, raw_config = read_model_config(model_dir)
+    model, _ = load(model_dir)
+    weights = {k: np.array(v) for k, v in model_weights(model).items()}
+    weights["lm_head.weight"] = weights["embed_tokens.embedding_weight"]
+    names = {f"{PREFIX}{k}": v for k, v in weights.items()}
+    reference = raw_config.get("reference") or {}
+    # Keep the reference's key order where we know it (a converted checkpoint), else ours.
+    order = [k for k in reference.get("state_dict_keys", []) if k in names]
+    order += [k for k in _reference_key_order(names) if k not in order]
+    state = {k: torch.from_numpy(names[k].copy()) for k in order}  # copy keeps 0-d shapes
+    # the tied head is the same tensor as the embedding, as in the reference
+    state[f"{PREFIX}lm_head.weight"] = state[f"{PREFIX}embed_tokens.embedding_weight"]
+    extras = {
+        "config": reference.get("config") or _reference_config(model.args),
+        "step": reference.get("step", 0),
+        "sequences_consumed": reference.get("sequences_consumed", 0),
+    }
+    state_file = model_dir / "train_state" / "state.json"
+    if state_file.is_file():
+        train_state = json.loads(state_file.read_text())
+        extras["step"] = train_state.get("step", extras["step"])
+        extras["sequences_consumed"] = train_state.get("sequences_seen",
+                                                       extras["sequences_consumed"])
+    return state, extras
+
+
+def _reference_key_order(names: dict[str, Any]) -> list[str]:
+    """The reference's order: top-level buffers/params first, then each layer's in turn."""
+    head = [f"{PREFIX}{k}" for k in ("H_init", "L_init", "embed_tokens.embedding_weight",
+                                     "lm_head.weight", "q_head.weight", "q_head.bias")]
+    rest = sorted((k for k in names if k not in head), key=_layer_sort_key)
+    return [k for k in head if k in names] + rest
+
+
+LAYER_KEY_ORDER = [
+    "self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
+    "mlp.down_proj.weight",
+    "self_attn.v", "self_attn.o", "self_attn.sel_v", "self_attn.sel_o", "self_attn.route_scale",
+    "self_attn.expert_v_bias", "self_attn.expert_o_bias", "self_attn.expert_v_token_count",
+    "self_attn.expert_o_token_count", "self_attn.expert_v_running_load",
+    "self_attn.expert_o_running_load", "self_attn.sel_v_target_std", "self_attn.sel_o_target_std",
+    "self_attn.q.weight", "self_attn.k.weight", "mlp.keys", "mlp.values", "mlp.expert_sel",
+    "mlp.route_scale", "mlp.expert_bias", "mlp.expert_token_count", "mlp.expert_running_load",
+    "mlp.selector_target_std",
+]
+
+
+def _layer_sort_key(key: str) -> tuple:
+    # "model.inner.L_level.layers.3.mlp.keys" -> (3, rank of "mlp.keys")
+    parts = key.split(".")
+    i = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if i is None:
+        return -1, 0, key
+    suffix = ".".join(parts[i + 1:])
+    rank = LAYER_KEY_ORDER.index(suffix) if suffix in LAYER_KEY_ORDER else len(LAYER_KEY_ORDER)
+    return int(parts[i]), rank, key
+
+
+def _reference_config(args: ModelConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    arch = {"name": REFERENCE_ARCH, "loss": dict(REFERENCE_LOSS)}
+    arch.update({k: v for k, v in asdict(args).items()
+                 if k not in ("name", "vocab_size", "seq_len", "rope_theta", "rms_norm_eps")})
+    return {"arch": arch, "seq_len": args.seq_len, "tokenizer_name": "gpt-neo-10k",
+            "checkpoint_path": args.name}
+
+
+def mlx_to_torch(model_dir: str | Path, out_path: str | Path) -> Path:
+    """Write a model directory as a reference ``step_N.pt`` (strict-loadable by the reference)."""
+    torch = _torch()
+    state, extras = mlx_to_torch_state(model_dir)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    torch.save({"model_state_dict": state, **extras}, tmp)
+    tmp.replace(out_path)
+    return out_path
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mlx_trm.convert",
+        description="Convert reference PyTorch checkpoints to mlx-trm model directories and back.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--torch-to-mlx", nargs=2, metavar=("CHECKPOINT.pt", "OUT_DIR"))
+    group.add_argument("--mlx-to-torch", nargs=2, metavar=("MODEL_DIR", "OUT.pt"))
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer to store with a converted model (path, or gpt-neo-10k)")
+    args = parser.parse_args(argv)
+    if args.torch_to_mlx:
+        src, dst = args.torch_to_mlx
+        out = torch_to_mlx(src, dst, args.tokenizer)
+        print(f"wrote {out}")
+        if args.tokenizer is None:
+            print(f"note: no tokenizer stored (the reference used gpt-neo-10k); {TOKENIZER_HINT}")
+    else:
+        src, dst = args.mlx_to_torch
+        print(f"wrote {mlx_to_torch(src, dst)}")
+
+
+if __name__ == "__main__":
+    main()
