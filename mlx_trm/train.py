@@ -328,10 +328,14 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
 
         eval_set = [(x[rank::size], y[rank::size]) for x, y in
                     eval_batches(valid_data, tc.global_batch_size, seq_len, tc.eval_batches,
-                                 seed=tc.seed)]
+                                 seed=tc.seed, max_sequences=tc.max_sequences)]
+
+    evaluated: dict[int, dict] = {}
 
     def run_eval(step: int) -> dict:
-        result = evaluate_batches(eval_fn, eval_set, world)
+        if step in evaluated:  # the last periodic evaluation may fall on the final step
+            return evaluated[step]
+        result = evaluated[step] = evaluate_batches(eval_fn, eval_set, world)
         record = {"step": step, "sequences": state["sequences_seen"], "split": "validation",
                   **{f"val_{k}": v for k, v in result.items()}}
         log.write(record)
@@ -424,7 +428,7 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
         say(f"interrupted at step {state['step']}: saved {model_dir}; resume with "
             f"train.resume=true")
         raise SystemExit(130)
-    if eval_set is not None and state["step"] >= stop_at:
+    if eval_set is not None and state["step"] >= stop_at and state["step"] not in evaluated:
         result = run_eval(state["step"])
         say(f"final: val token CE {result['token_ce']:.4f}, ppl {result['perplexity']:.1f}")
     say(f"saved {model_dir}")
