@@ -1,0 +1,186 @@
+"""Train every 1M variant on the same budget and compare them (the reference's headline question).
+
+    python scripts/compare_variants.py --data ../shared/data/tinystories --steps 1000 \
+        --out benchmarks/results
+
+For each variant: train with the same token budget, schedule and data order, evaluate held-out
+token cross-entropy on the validation split, measure training and cached generation tokens/s and
+peak memory, and keep a greedy sample. For the recursive variants, evaluate again with more or
+less test-time recursion (``halt_max_steps`` 1..16, ``L_cycles`` overrides). Writes
+``results.json``, ``results.md`` (tables) and ``loss_curves.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["trm_tinystories_1m_flat", "trm_tinystories_1m_noact", "trm_tinystories_1m",
+            "trm_tinystories_1m_moeut", "trm_tinystories_1m_moeut_act"]
+PROMPT = "Once upon a time"
+
+
+def unigram_cross_entropy(data: str, tokenizer) -> float:
+    """Held-out CE of the train split's (add-one) unigram distribution: the baseline to beat."""
+    from mlx_trm.data import load_tokens
+
+    train = load_tokens(data, tokenizer, split="train")
+    valid = load_tokens(data, tokenizer, split="validation")
+    tokens = np.asarray(train.tokens)
+    counts = np.bincount(tokens[tokens > 0], minlength=tokenizer.vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    # the evaluated targets: every story token but the first (no BOS), end-of-story excluded
+    targets = np.concatenate([np.asarray(valid.story(i))[1:-1] for i in range(len(valid))])
+    return float(-logp[targets].mean())
+
+
+def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
+    from mlx_trm.checkpoint import load
+    from mlx_trm.config import load_config
+    from mlx_trm.evaluate import evaluate_model
+    from mlx_trm.generate import stream_generate
+    from mlx_trm.train import train
+
+    run_dir = args.runs / name
+    overrides = [
+        f"data.path={args.data}", f"data.packing={str(args.packing).lower()}",
+        f"model.seq_len={args.seq_len}", f"train.global_batch_size={args.batch_size}",
+        f"train.max_steps={args.steps}", f"train.lr={args.lr}",
+        f"train.lr_warmup_percent={args.warmup}", "train.lr_min_ratio=0.01",
+        f"train.eval_interval_sequences={args.eval_every * args.batch_size}",
+        f"train.checkpoint_interval_sequences={args.eval_every * args.batch_size}",
+        f"out_dir={run_dir}", "train.resume=true",
+    ]
+    config = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
+    t0 = time.perf_counter()
+    train(config)
+    train_seconds = time.perf_counter() - t0
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "tokens_per_sec" in r]
+    train_tps = statistics.median(r["tokens_per_sec"] for r in steps[1:] or steps)
+    peak = max(r["peak_memory_gb"] for r in steps)
+
+    model, tok = load(run_dir)
+    result = evaluate_model(model, tok, args.data, progress=False, max_stories=args.eval_stories)
+    responses = list(stream_generate(model, tok, PROMPT, max_tokens=args.gen_tokens,
+                                     ignore_eos=True))
+    sample = "".join(r.text for r in stream_generate(model, tok, PROMPT, max_tokens=100))
+    row = {
+        "variant": name, "parameters": int(sum(v.size for _, v in _flat(model))),
+        "tokens_trained": args.steps * args.batch_size * args.seq_len,
+        "val_token_ce": result["token_ce"], "val_perplexity": result["perplexity"],
+        "val_bits_per_byte": result["bits_per_byte"],
+        "train_tokens_per_sec": train_tps, "train_seconds": train_seconds,
+        "generation_tokens_per_sec": responses[-1].generation_tps,
+        "peak_memory_gb": peak, "sample": PROMPT + sample,
+        "run_dir": str(run_dir),
+    }
+    if not model.args.flat_transformer and args.sweep:
+        row["test_time"] = test_time_sweep(run_dir, model.args, args, tok)
+    return row
+
+
+def _flat(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.trainable_parameters())
+
+
+def test_time_sweep(run_dir: Path, trained, args: argparse.Namespace, tokenizer) -> list[dict]:
+    """Held-out CE with more or less inference-time recursion than the model was trained with."""
+    from mlx_trm.checkpoint import load
+    from mlx_trm.evaluate import evaluate_model
+
+    settings = [{"halt_max_steps": n} for n in (1, 2, 4, 8, 16)]
+    L = trained.L_cycles
+    settings += [{"L_cycles": n} for n in sorted({max(1, L // 2), L + 2, 2 * L}) if n != L]
+    rows = []
+    for override in settings:
+        model, _ = load(run_dir, model_config=override)
+        result = evaluate_model(model, tokenizer, args.data, progress=False,
+                                max_stories=args.sweep_stories)
+        rows.append({**override, "val_token_ce": result["token_ce"]})
+        print(f"  {run_dir.name} {override}: {result['token_ce']:.4f}", file=sys.stderr)
+    return rows
+
+
+def write_report(rows: list[dict], baseline: float, args: argparse.Namespace, command: str
+                 ) -> None:
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command, "machine": f"{platform.system()} {platform.machine()}",
+            "mlx_version": mx.__version__, "device": str(mx.default_device()),
+            "unigram_val_token_ce": baseline}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "variants": rows}, indent=2))
+    lines = [f"Command: `{command}`", "",
+             f"Machine: {meta['machine']}, MLX {meta['mlx_version']} ({meta['device']}). "
+             f"Unigram baseline (same tokenizer): {baseline:.3f} nats.", "",
+             "| variant | params | val CE (nats) | ppl | vs unigram | train tok/s | gen tok/s "
+             "(cached) | peak GB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['parameters']:,} | {r['val_token_ce']:.3f} | "
+                     f"{r['val_perplexity']:.1f} | {r['val_token_ce'] / baseline:.2f} | "
+                     f"{r['train_tokens_per_sec']:,.0f} | {r['generation_tokens_per_sec']:,.0f} | "
+                     f"{r['peak_memory_gb']:.2f} |")
+    sweeps = [r for r in rows if r.get("test_time")]
+    if sweeps:
+        keys = [tuple(s.items())[0] for s in sweeps[0]["test_time"]]
+        header = " | ".join(f"{k}={v}" for k, v in keys)
+        lines += ["", "Test-time recursion (val CE, nats):", "",
+                  f"| variant | {header} |", "|---|" + "---|" * len(keys)]
+        for r in sweeps:
+            values = " | ".join(f"{s['val_token_ce']:.3f}" for s in r["test_time"])
+            lines.append(f"| {r['variant']} | {values} |")
+    lines += ["", "Greedy samples:", ""]
+    lines += [f"- **{r['variant']}**: {r['sample']!r}" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from plot_metrics import plot_runs, read_run
+
+        plot_runs([read_run(Path(r["run_dir"])) for r in rows], out / "loss_curves.png",
+                  "1M variants on the same budget", baseline)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[plot]')", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinystories"))
+    parser.add_argument("--variants", nargs="+", default=VARIANTS)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=float, default=0.1)
+    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    parser.add_argument("--eval-stories", type=int, default=None, help="default: all")
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--sweep-stories", type=int, default=300)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    from mlx_trm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    baseline = unigram_cross_entropy(args.data, tokenizer)
+    print(f"unigram baseline: {baseline:.4f} nats", file=sys.stderr)
+    rows = [run_variant(name, args, tokenizer) for name in args.variants]
+    command = "python scripts/compare_variants.py " + " ".join(argv or sys.argv[1:])
+    write_report(rows, baseline, args, command)
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Draw loss curves of training runs: ``python scripts/plot_metrics.py RUN ... --out x.png``.
+
+Each RUN is a run directory written by ``mlx_trm.train`` (its ``metrics.jsonl`` and
+``config.yaml``). The left panel shows the training loss (smoothed), the right one the held-out
+token cross-entropy, both against tokens seen. Needs matplotlib (``pip install -e ".[plot]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+
+def read_run(run_dir: Path) -> dict:
+    """Training and validation points of one run, x in tokens seen."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise SystemExit(f"error: {run_dir} has no metrics.jsonl; pass a run directory written "
+                         "by mlx_trm.train")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (
+        run_dir / "config.yaml").is_file() else {}
+    seq_len = config.get("model", {}).get("seq_len", 512)
+    train, valid = [], []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        tokens = record["sequences"] * seq_len
+        if "loss" in record:
+            train.append((tokens, record["loss"]))
+        if "val_token_ce" in record:
+            valid.append((tokens, record["val_token_ce"]))
+    return {"label": run_dir.name, "train": train, "valid": valid}
+
+
+def smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average, as TensorBoard's smoothing slider."""
+    out, last = [], None
+    for v in values:
+        last = v if last is None else weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def plot_runs(runs: list[dict], out: Path, title: str = "", baseline: float | None = None
+              ) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        if run["train"]:
+            x, y = zip(*run["train"])
+            left.plot(x, smooth(list(y)), label=run["label"])
+        if run["valid"]:
+            x, y = zip(*run["valid"])
+            right.plot(x, y, marker="o", markersize=3, label=run["label"])
+    for ax, name in ((left, "training loss (smoothed)"), (right, "validation token CE (nats)")):
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram")
+    right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--out", type=Path, default=Path("loss_curves.png"))
+    parser.add_argument("--title", default="")
+    parser.add_argument("--baseline", type=float, default=None, help="draw a horizontal line")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install -e '.[plot]'") from None
+    out = plot_runs([read_run(r) for r in args.runs], args.out, args.title, args.baseline)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
