@@ -34,7 +34,8 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
                    progress: bool = True) -> dict[str, float]:
     from rich.progress import Progress
 
-    from .data import iterate_batches, load_tokens, num_batches, resolve_source
+    from .data import iterate_batches, load_tokens, num_batches
+    from .sources import resolve_source
     from .train import make_eval_fn
 
     seq_len = seq_len or model.args.seq_len

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
-        from mlx_trm.data import load_tokens, resolve_source, token_stats
+        from mlx_trm.data import load_tokens, token_stats
+        from mlx_trm.sources import resolve_source
         from mlx_trm.tokenizer import load_tokenizer
 
         if args.seq_len < 1:

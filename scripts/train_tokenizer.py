@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train on the first N stories only (for very large corpora)")
     args = parser.parse_args(argv)
     try:
-        from mlx_trm.data import load_stories
+        from mlx_trm.sources import load_stories
         from mlx_trm.tokenizer import SentencePieceTokenizer, _atomic_write, train_sentencepiece
 
         start = time.perf_counter()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import mlx_trm.data as data
+import mlx_trm.sources as sources
 from mlx_trm.config import ConfigError, DataConfig
 from mlx_trm.data import (
     IGNORE_INDEX,
@@ -25,14 +26,13 @@ from mlx_trm.data import (
     eval_batches,
     iterate_batches,
     load_split,
-    load_stories,
     load_tokens,
     num_batches,
-    resolve_source,
     stream_batches,
     token_stats,
     tokenize_stories,
 )
+from mlx_trm.sources import load_stories, resolve_source
 from mlx_trm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_txt_separators(tmp_path):
 
 
 def test_large_text_file_is_read_in_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_BLOCK", 64)  # many blocks, stories across block edges
+    monkeypatch.setattr(sources, "_BLOCK", 64)  # many blocks, stories across block edges
     stories = [f"Story {i}: " + "word " * (i % 30) + "é." for i in range(200)]
     assert load_stories(write_txt(tmp_path / "many.txt.xz", stories, lzma.open)) == stories
     lines = "".join(json.dumps({"text": s}) + "\n" for s in stories)

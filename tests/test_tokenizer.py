@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mlx_trm.config import ConfigError
-from mlx_trm.data import load_stories
+from mlx_trm.sources import load_stories
 from mlx_trm.tokenizer import (
     DEFAULT_TOKENIZER,
     GPTNeo10kTokenizer,
