@@ -11,6 +11,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+import warnings
+
+# Eager, as mlx-lm does: ``mlx_trm.generate`` is the function, and importing the submodule of
+# the same name later does not rebind it. ``python -m mlx_trm.generate`` then finds the module
+# already imported, which is harmless here (it only defines functions), so runpy's warning about
+# it is silenced.
+warnings.filterwarnings("ignore", message="'mlx_trm\\.generate' found in sys.modules",
+                        category=RuntimeWarning)
+from .generate import generate, stream_generate  # noqa: E402
+
 
 def load(path: str, model_config: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """Load a model directory: ``(model, tokenizer)``, as ``mlx_lm.load``.
@@ -29,11 +39,4 @@ def save(path: str, model: Any, tokenizer: Any = None) -> Any:
     return _save(path, model, tokenizer)
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, **kwargs: Any) -> str:
-    """Generate a continuation of ``prompt`` (greedy unless a sampler is given)."""
-    from .generate import generate as _generate
-
-    return _generate(model, tokenizer, prompt, **kwargs)
-
-
-__all__ = ["__version__", "generate", "load", "save"]
+__all__ = ["__version__", "generate", "load", "save", "stream_generate"]

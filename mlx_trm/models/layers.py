@@ -51,12 +51,16 @@ def apply_rope(x: mx.array, freqs: mx.array, offset: int, dims: int | None = Non
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, cache: Any = None) -> mx.array:
     """Causal softmax attention over [B, H, T, Dh] tensors, appending k/v to ``cache`` if given.
 
-    With a cache, queries sit at the end of the cached keys; ``mask="causal"`` aligns them there.
-    A single query (decode) needs no mask at all.
+    The cache decides the mask (``cache.make_mask(T)``, see models/cache.py): ``"causal"`` for a
+    chunk whose queries sit at the end of the returned keys, None for one query over exactly the
+    keys so far, a boolean mask over a fixed-capacity buffer (padding and unwritten columns).
     """
-    if cache is not None:
+    T = q.shape[2]
+    if cache is None:
+        mask = "causal" if T > 1 else None
+    else:
+        mask = cache.make_mask(T)
         k, v = cache.update_and_fetch(k, v)
-    mask = "causal" if q.shape[2] > 1 else None
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
@@ -75,14 +79,26 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
         B, T, _ = x.shape
+        H, Dh = self.num_heads, self.head_dim
         # [B, T, 3H, Dh] -> [B, 3H, T, Dh]; heads 0..H-1 are q, H..2H-1 k, 2H..3H-1 v.
-        qkv = self.qkv_proj(x).reshape(B, T, 3 * self.num_heads, self.head_dim)
-        qkv = qkv.transpose(0, 2, 1, 3)
-        q, k, v = mx.split(qkv, 3, axis=1)
-        offset = 0 if cache is None else cache.offset
-        q = apply_rope(q, self._freqs, offset)
-        k = apply_rope(k, self._freqs, offset)
-        out = attention(q, k, v, scale=1 / math.sqrt(self.head_dim), cache=cache)
+        # One position (decode) needs no transpose: the two layouts share memory.
+        qkv = self.qkv_proj(x)
+        if T == 1:
+            qkv = qkv.reshape(B, 3 * H, 1, Dh)
+        else:
+            qkv = qkv.reshape(B, T, 3 * H, Dh).transpose(0, 2, 1, 3)
+        qk, v = mx.split(qkv, [2 * H], axis=1)
+        # q and k are rotated in one call. A fixed-capacity cache rotates with a cos/sin table it
+        # computes once per forward for all layer applications (a decode step is dominated by
+        # per-operation overhead, and on the CPU mx.fast.rope expands into ~12 operations).
+        if hasattr(cache, "rope"):
+            qk = cache.rope(qk, self._freqs)
+        else:
+            qk = apply_rope(qk, self._freqs, 0 if cache is None else cache.offset)
+        q, k = mx.split(qk, 2, axis=1)
+        out = attention(q, k, v, scale=1 / math.sqrt(Dh), cache=cache)
+        if T == 1:
+            return self.o_proj(out.reshape(B, 1, H * Dh))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 

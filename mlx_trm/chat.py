@@ -1,0 +1,179 @@
+"""A REPL over the generation engine: ``mlx_trm.chat --model DIR``.
+
+These are story models, not instruction-tuned assistants, so "chat" means writing a story
+together: every line you type is appended to the running text and the model continues it until
+end-of-story or ``--max-tokens``; its continuation joins the text too. An empty line lets the model
+go on by itself. When the text outgrows the model's trained length (``seq_len``), the oldest
+tokens are dropped so that text + new tokens fit (a sliding window).
+
+Commands: /reset (start a new story), /temp T, /max-tokens N, /stats (statistics after each reply
+on/off), /help, /quit. Reads standard input, so it also runs from a pipe or a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .blas import blas_warning
+from .config import ConfigError, cli_errors
+from .generate import (
+    GenerationResponse,
+    add_model_arguments,
+    add_sampling_arguments,
+    load_for_generation,
+    make_sampler,
+    print_stats,
+    stream_generate,
+)
+
+HELP = """\
+Type text and the model continues the story; an empty line lets it go on.
+  /reset          start a new story (forget the text so far)
+  /temp T         sampling temperature (0 = greedy)
+  /max-tokens N   new tokens per reply at most
+  /stats          print statistics after each reply (toggle)
+  /help           this help
+  /quit           leave (so does end of input)"""
+
+
+class StorySession:
+    """The running story as token ids, and the settings of the next reply."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_tokens: int = 200,
+                 temp: float = 0.7, top_k: int = 40, top_p: float = 0.0, min_p: float = 0.0,
+                 compile: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.top_k, self.top_p, self.min_p = top_k, top_p, min_p
+        self.compile = compile
+        self.context: list[int] = []
+        self.dropped = 0  # tokens slid out of the window so far
+        self.stats = False  # print statistics after each reply
+        self.last: GenerationResponse | None = None  # the last reply's final response
+        self.set_temp(temp)
+        self.set_max_tokens(max_tokens)
+
+    def set_temp(self, temp: float) -> None:
+        self.sampler = make_sampler(temp, self.top_p, self.min_p, self.top_k)
+        self.temp = temp
+
+    def set_max_tokens(self, n: int) -> None:
+        seq_len = self.model.args.seq_len
+        if not 1 <= n < seq_len:
+            raise ConfigError(f"max tokens must be in [1, {seq_len - 1}] (the model's seq_len is "
+                              f"{seq_len}; some room must be left for the story so far)")
+        self.max_tokens = n
+
+    def reset(self) -> None:
+        self.context = []
+        self.dropped = 0
+
+    def reply(self, text: str) -> Iterator[GenerationResponse]:
+        """Append ``text`` to the story and stream the model's continuation."""
+        self.context += self.tokenizer.encode(text) if text else []
+        if not self.context:
+            raise ConfigError("the story is empty; type some text first")
+        window = self.model.args.seq_len - self.max_tokens
+        if len(self.context) > window:  # slide: keep the most recent tokens
+            self.dropped += len(self.context) - window
+            self.context = self.context[-window:]
+        for response in stream_generate(self.model, self.tokenizer, self.context,
+                                        self.max_tokens, sampler=self.sampler,
+                                        compile=self.compile):
+            if response.finish_reason != "stop":
+                self.context.append(response.token)
+            self.last = response
+            yield response
+
+
+def run_command(session: StorySession, line: str, out: TextIO) -> bool:
+    """Handle a /command; False means quit."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            session.reset()
+            print("[new story]", file=out)
+        elif name == "/help":
+            print(HELP, file=out)
+        elif name == "/stats":
+            session.stats = not session.stats
+            print(f"[statistics {'on' if session.stats else 'off'}]", file=out)
+            if session.stats and session.last is not None:
+                print_stats(session.last, file=out)  # the last reply's, right away
+        elif name == "/temp":
+            session.set_temp(float(arg))
+            print(f"[temperature {session.temp}]", file=out)
+        elif name == "/max-tokens":
+            session.set_max_tokens(int(arg))
+            print(f"[max tokens {session.max_tokens}]", file=out)
+        else:
+            print(f"unknown command {name}; /help lists the commands", file=out)
+    except ValueError as e:  # a bad number or a ConfigError (a ValueError too)
+        detail = str(e) if isinstance(e, ConfigError) else f"{name} needs a number, got {arg!r}"
+        print(f"error: {detail}", file=out)
+    return True
+
+
+def repl(session: StorySession, stdin: TextIO, out: TextIO) -> None:
+    """Read lines until /quit or end of input; replies stream to ``out``."""
+    interactive = stdin.isatty()
+    if interactive:
+        print("Write the start of a story; /help for commands.", file=out)
+    while True:
+        if interactive:
+            print(">> ", end="", file=out, flush=True)
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        line = line.rstrip("\n")
+        if line.startswith("/"):
+            if not run_command(session, line.strip(), out):
+                break
+            continue
+        try:
+            response = None
+            for response in session.reply(line):
+                print(response.text, end="", file=out, flush=True)
+            print(file=out)
+            if session.stats and response is not None:
+                print_stats(response, file=out)
+        except ConfigError as e:
+            print(f"error: {e}", file=out)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mlx_trm.chat",
+        description="Write a story together with a TRM model (reads lines from standard input).")
+    add_model_arguments(parser)
+    parser.add_argument("--max-tokens", "-m", type=int, default=200,
+                        help="new tokens per reply at most")
+    add_sampling_arguments(parser, temp=0.7, top_k=40)
+    parser.add_argument("--stats", action="store_true", help="statistics after each reply")
+    parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    args = parser.parse_args(argv)
+
+    hint = blas_warning()
+    if hint:
+        print(hint, file=sys.stderr)
+    model, tokenizer = load_for_generation(args)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    session = StorySession(model, tokenizer, max_tokens=args.max_tokens, temp=args.temp,
+                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                           compile=not args.no_compile)
+    session.stats = args.stats
+    repl(session, sys.stdin, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

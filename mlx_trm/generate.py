@@ -1,0 +1,610 @@
+"""Text generation: samplers, ``generate_step`` / ``stream_generate``, the ``mlx_trm.generate`` CLI.
+
+    mlx_trm.generate --model DIR --prompt "Once upon a time" --max-tokens 200 --temp 0.8 --top-k 40
+    mlx_trm.generate --model DIR --prompts-file prompts.txt --output stories.jsonl
+
+The shape is mlx-lm's. A step of a recursive model runs every layer application of every ACT step
+(56 for ``trm_tinystories_1m``); the reference re-ran all of them over the whole sequence for every
+new token (seed-reference.md §11). Every stage is causal, so a KV cache with one slot per layer
+application is exact (models/cache.py): the prompt is prefilled stage by stage, then each new
+position runs alone through all stages. A decode step is dominated by per-operation overhead at
+this size, so it is one ``mx.compile``-d function over fixed-capacity buffers: the write column and
+the RoPE positions are arrays, and the trace is reused for every token.
+
+Prompts are never given a BOS (the reference has none), so an empty prompt cannot be run. Several
+prompts run as one batch, left-padded: each row has its own RoPE positions and never attends to
+padding, so every row gets exactly what it would get alone. Positions past the trained ``seq_len``
+work (RoPE has no table) but were never trained: the CLI refuses prompts longer than ``seq_len``
+and warns when prompt + new tokens go past it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .blas import blas_warning, loaded_blas
+from .config import ConfigError, cli_errors
+from .models.cache import BatchKVCache, CachePositions, grow_batch_cache, make_batch_cache
+
+Sampler = Callable[[mx.array], mx.array]
+
+CACHE_BLOCK = 256  # cache buffers hold prompt + max_tokens rounded up to this; grown by it
+DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "model"
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: functions of log-probabilities [B, V] -> token ids [B], as mlx-lm's make_sampler.
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Keep the k most likely tokens; ties with the k-th are kept, as in the reference."""
+    kth = mx.topk(logprobs, k, axis=-1).min(axis=-1, keepdims=True)
+    return mx.where(logprobs < kth, -mx.inf, logprobs)
+
+
+def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Nucleus: keep the most likely tokens until their probability reaches ``p``."""
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    probs = mx.exp(sorted_lp)
+    mass_before = mx.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    keep = mx.put_along_axis(mx.zeros(logprobs.shape, mx.bool_), order, mass_before < p, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    """Keep tokens at least ``min_p`` times as likely as the most likely one."""
+    threshold = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(min_p))
+    return mx.where(logprobs < threshold, -mx.inf, logprobs)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
+                 top_k: int = 0) -> Sampler:
+    """A sampler for :func:`generate_step`; temperature 0 is greedy (the filters are moot).
+
+    The filters act on the model's distribution (as mlx-lm's); the temperature then scales what
+    is left. The random state is MLX's global one: ``mx.random.seed`` makes runs reproducible.
+    """
+    if temp < 0:
+        raise ConfigError(f"temperature must be >= 0 (got {temp})")
+    if top_k < 0 or not 0.0 <= top_p <= 1.0 or not 0.0 <= min_p <= 1.0:
+        raise ConfigError(f"need top_k >= 0 and top_p, min_p in [0, 1] (got top_k={top_k}, "
+                          f"top_p={top_p}, min_p={min_p})")
+    if temp == 0:
+        return greedy
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1:
+        filters.append(lambda lp: apply_top_p(lp, top_p))
+    if min_p > 0:
+        filters.append(lambda lp: apply_min_p(lp, min_p))
+    if top_k > 0:
+        filters.append(lambda lp: apply_top_k(lp, top_k))
+
+    def sample(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.random.categorical(logprobs * (1.0 / temp), axis=-1)
+
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoders: prompt in, next-token logits [B, V] out, one call per new token.
+
+
+def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[mx.array, list[int]]:
+    """Prompts as one [B, L] batch padded on the left with id 0, and the padding of each row."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("a prompt is empty (no tokens); the model adds no BOS, so generation "
+                          "needs at least one prompt token")
+    L = max(len(p) for p in prompts)
+    padding = [L - len(p) for p in prompts]
+    return mx.array([[0] * n + list(p) for n, p in zip(padding, prompts)], dtype=mx.int32), padding
+
+
+def _decode_step(model: nn.Module) -> Callable:
+    """One decode step through all cache slots, as a pure function of arrays (compilable)."""
+
+    def step(tokens: mx.array, index: mx.array, left_padding: mx.array,
+             keys: list[mx.array], values: list[mx.array]):
+        positions = CachePositions(index, left_padding, keys[0].shape[2])
+        cache = [BatchKVCache(positions, k, v) for k, v in zip(keys, values)]
+        logits = model(tokens[:, None], cache=cache)[:, -1]
+        return logits, [c.keys for c in cache], [c.values for c in cache]
+
+    return step
+
+
+class CachedDecoder:
+    """Prefill the prompts stage by stage into the recursion-aware cache, then decode one
+    position per call through all stages (compiled by default)."""
+
+    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, *,
+                 compile: bool = True, prefill_step_size: int = 512):
+        self.model = model
+        self.tokens, padding = left_pad(prompts)
+        self.length = self.tokens.shape[1]  # columns written once the prompt is in
+        # Room for the whole generation up front (one trace), within reason: beyond it the
+        # buffers grow a block at a time.
+        room = min(max_tokens, 8 * CACHE_BLOCK) if max_tokens > 0 else CACHE_BLOCK
+        capacity = -(-(self.length + room) // CACHE_BLOCK) * CACHE_BLOCK
+        self.positions, self.cache = make_batch_cache(model.num_cache_slots, padding, capacity)
+        self.prefill_step_size = prefill_step_size
+        step = _decode_step(model)
+        self._step = mx.compile(step) if compile else step
+
+    def prefill(self) -> mx.array:
+        L, n = self.length, self.prefill_step_size
+        for start in range(0, L, n):
+            chunk = self.tokens[:, start:start + n]
+            logits = self.model(chunk, cache=self.cache)[:, -1]
+            self.positions.advance(chunk.shape[1])
+            if start + n < L:  # keep the graph of a long prompt small
+                mx.eval([c.state for c in self.cache])
+        return logits
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        pos = self.positions
+        if self.length + 1 > pos.capacity:  # unbounded generation: grow (retraces once)
+            grow_batch_cache(pos, self.cache, CACHE_BLOCK)
+        keys = [c.keys for c in self.cache]
+        values = [c.values for c in self.cache]
+        logits, keys, values = self._step(tokens, pos.index, pos.left_padding, keys, values)
+        for c, k, v in zip(self.cache, keys, values):
+            c.keys, c.values = k, v
+        pos.advance(1)
+        self.length += 1
+        return logits
+
+
+class FullForwardDecoder:
+    """The reference's loop (``--no-cache``): re-run the whole sequence so far for every token.
+
+    The reference right-pads to 512 and reads the logits at the last filled position; causality
+    makes those equal to the last logits of the unpadded sequence, so no padding is run.
+    """
+
+    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, **_):
+        self.model = model
+        self.tokens, self.padding = left_pad(prompts)
+
+    def prefill(self) -> mx.array:
+        tokens = self.tokens
+        if not any(self.padding):
+            return self.model(tokens)[:, -1]
+        # Rows of different lengths: a throwaway cache supplies the padding mask and positions.
+        _, cache = make_batch_cache(self.model.num_cache_slots, self.padding, tokens.shape[1])
+        return self.model(tokens, cache=cache)[:, -1]
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        self.tokens = mx.concatenate([self.tokens, tokens[:, None].astype(mx.int32)], axis=1)
+        return self.prefill()
+
+
+def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_tokens: int = 256,
+                    sampler: Sampler | None = None, use_cache: bool = True, compile: bool = True,
+                    prefill_step_size: int = 512) -> Iterator[tuple[mx.array, mx.array]]:
+    """Yield ``(tokens [B], logprobs [B, V])`` for a batch of prompts, one step at a time.
+
+    ``max_tokens < 0`` is unbounded. The next step is queued before the current token is
+    handed out (mlx-lm's pipelining), so Python overhead overlaps the computation.
+    """
+    decoder_class = CachedDecoder if use_cache else FullForwardDecoder
+    decode = decoder_class(model, prompts, max_tokens, compile=compile,
+                           prefill_step_size=prefill_step_size)
+    sampler = sampler or greedy
+
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs
+
+    if max_tokens == 0:
+        return
+    y, logprobs = sample(decode.prefill())
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        if n + 1 != max_tokens:
+            next_y, next_logprobs = sample(decode(y))
+            mx.async_eval(next_y, next_logprobs)
+        yield y, logprobs
+        n += 1
+        if n == max_tokens:
+            return
+        y, logprobs = next_y, next_logprobs
+
+
+def generate_step(prompt: mx.array | Sequence[int], model: nn.Module, *, max_tokens: int = 256,
+                  sampler: Sampler | None = None, **kwargs: Any) -> Iterator[tuple[int, mx.array]]:
+    """Yield ``(token_id, logprobs [V])`` one token at a time, as ``mlx_lm.generate_step``.
+
+    Greedy without a sampler; never stops by itself before ``max_tokens`` (callers stop at
+    end-of-story). ``use_cache=False`` is the reference's full re-forward; ``compile=False`` runs
+    the cached decode step eagerly.
+    """
+    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+    for y, logprobs in generate_tokens([ids], model, max_tokens=max_tokens, sampler=sampler,
+                                       **kwargs):
+        yield y.item(), logprobs[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+
+class StreamingDetokenizer:
+    """Decode generated ids as they come, returning only the new text each time.
+
+    The last prompt ids are decoded with them, so a SentencePiece word-initial space ("▁there")
+    survives; text ending in an incomplete UTF-8 sequence (byte fallback) is held back.
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.context = list(context)[-4:]
+        self.prefix = tokenizer.decode(self.context)
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def add_token(self, token: int) -> None:
+        self.tokens.append(token)
+
+    def _full(self) -> str:
+        full = self.tokenizer.decode(self.context + self.tokens)
+        if full.startswith(self.prefix):
+            return full[len(self.prefix):]
+        return self.tokenizer.decode(self.tokens)
+
+    def segment(self, final: bool = False) -> str:
+        full = self._full()
+        if full.endswith("\ufffd") and not final:
+            return ""
+        new, self.text = full[len(self.text):], full
+        return new
+
+
+def decode_continuation(tokenizer: Any, prompt: Sequence[int], ids: Sequence[int]) -> str:
+    """The text that ``ids`` add after ``prompt`` (word-initial spaces kept)."""
+    detokenizer = StreamingDetokenizer(tokenizer, prompt)
+    detokenizer.tokens = list(ids)
+    return detokenizer.segment(final=True)
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece, with mlx-lm's statistics."""
+
+    text: str
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # "stop" (end-of-story) or "length" on the last response
+
+
+def check_length(model: nn.Module, prompt_tokens: int, max_tokens: int) -> str | None:
+    """Refuse a prompt longer than the trained length; return a warning if generation runs past
+    it (RoPE extrapolates, but no position beyond ``seq_len`` was ever trained)."""
+    seq_len = model.args.seq_len
+    if prompt_tokens > seq_len:
+        raise ConfigError(f"the prompt has {prompt_tokens} tokens but the model takes at most "
+                          f"{seq_len} (seq_len); shorten the prompt")
+    if max_tokens < 0 or prompt_tokens + max_tokens > seq_len:
+        return (f"warning: prompt ({prompt_tokens}) + max tokens ({max_tokens}) go past the "
+                f"trained length {seq_len}; later positions are extrapolated")
+    return None
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        raise ConfigError("the prompt is empty (no tokens); the model adds no BOS, so generation "
+                          "needs at least one prompt token")
+    return ids
+
+
+def stream_generate(model: nn.Module, tokenizer: Any, prompt: str | Sequence[int],
+                    max_tokens: int = 256, *, ignore_eos: bool = False,
+                    **kwargs: Any) -> Iterator[GenerationResponse]:
+    """Yield the continuation of ``prompt`` piece by piece until end-of-story or ``max_tokens``.
+
+    ``kwargs`` go to :func:`generate_tokens` (``sampler``, ``use_cache``, ``compile``).
+    ``ignore_eos`` keeps going past end-of-story (benchmarks).
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    eos = getattr(tokenizer, "eos_id", 0)
+    detokenizer = StreamingDetokenizer(tokenizer, ids)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    n, token = 0, -1
+    for n, (y, _) in enumerate(generate_tokens([ids], model, max_tokens=max_tokens, **kwargs)):
+        token = y.item()
+        if n == 0:
+            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        stop = token == eos and not ignore_eos
+        last = stop or n + 1 == max_tokens
+        if not stop:
+            detokenizer.add_token(token)
+        yield GenerationResponse(
+            text=detokenizer.segment(final=last), token=token, prompt_tokens=len(ids),
+            prompt_tps=prompt_tps, generation_tokens=n + 1,
+            generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=("stop" if stop else "length") if last else None)
+        if stop:
+            return
+
+
+def generate(model: nn.Module, tokenizer: Any, prompt: str | Sequence[int],
+             verbose: bool = False, **kwargs: Any) -> str:
+    """The whole continuation as one string; ``verbose`` streams it and prints the statistics."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print_stats(response)
+    return text
+
+
+def print_stats(r: GenerationResponse | BatchStats, file: Any = None) -> None:
+    """mlx-lm's statistics block."""
+    file = file or sys.stdout
+    print("=" * 10, file=file)
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
+          file=file)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches of prompts
+
+
+@dataclass
+class BatchStats:
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    prompt_time: float = 0.0
+    generation_time: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    texts: list[str]
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    stats: BatchStats
+
+
+def batch_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
+                   max_tokens: int = 256, *, batch_size: int = 16, ignore_eos: bool = False,
+                   **kwargs: Any) -> BatchResult:
+    """Continue several prompts, ``batch_size`` at a time (left-padded, exact per row).
+
+    A row stops at end-of-story (not included in its tokens); a batch stops when all its rows
+    have. Statistics sum over rows: generation tokens-per-sec is the batch's throughput.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1 (got {batch_size})")
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    eos = getattr(tokenizer, "eos_id", 0)
+    stats = BatchStats()
+    out_tokens: list[list[int]] = []
+    reasons: list[str] = []
+    mx.reset_peak_memory()
+    for start in range(0, len(encoded), batch_size):
+        group = encoded[start:start + batch_size]
+        rows: list[list[int]] = [[] for _ in group]
+        done = [False] * len(group)
+        tic = time.perf_counter()
+        for n, (y, _) in enumerate(generate_tokens(group, model, max_tokens=max_tokens,
+                                                   **kwargs)):
+            if n == 0:
+                stats.prompt_time += time.perf_counter() - tic
+                tic = time.perf_counter()
+            for i, t in enumerate(y.tolist()):
+                if done[i]:
+                    continue
+                if t == eos and not ignore_eos:
+                    done[i] = True
+                else:
+                    rows[i].append(t)
+            if all(done):
+                break
+        stats.generation_time += time.perf_counter() - tic
+        stats.prompt_tokens += sum(len(p) for p in group)
+        stats.generation_tokens += sum(len(r) for r in rows)
+        out_tokens += rows
+        reasons += ["stop" if d else "length" for d in done]
+    stats.prompt_tps = stats.prompt_tokens / max(stats.prompt_time, 1e-9)
+    stats.generation_tps = stats.generation_tokens / max(stats.generation_time, 1e-9)
+    stats.peak_memory = mx.get_peak_memory() / 1e9
+    texts = [decode_continuation(tokenizer, p, r) for p, r in zip(encoded, out_tokens)]
+    return BatchResult(texts, out_tokens, reasons, stats)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line), a .jsonl file ({"prompt": ...} or a string per
+    line) or a .json list."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompts file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            items = json.loads(text)
+        elif path.suffix == ".jsonl":
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            items = [line for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    prompts = [item["prompt"] if isinstance(item, dict) and "prompt" in item else item
+               for item in (items if isinstance(items, list) else [])]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{path} holds no prompts: write one per line, or JSON lines with a "
+                          "'prompt' field")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def resolve_model_path(path: str | None) -> Path:
+    if path is not None:
+        return Path(path)
+    if (DEMO_MODEL / "config.json").is_file():
+        return DEMO_MODEL
+    raise ConfigError("no --model given and no packaged demo model is installed; pass --model DIR "
+                      "(a directory written by mlx_trm.train, mlx_trm.save or mlx_trm.convert)")
+
+
+def load_for_generation(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """Model and tokenizer from the shared --model/--tokenizer/--halt-max-steps/--l-cycles."""
+    from .checkpoint import load
+    from .tokenizer import load_tokenizer
+
+    overrides = {k: v for k, v in (("halt_max_steps", args.halt_max_steps),
+                                   ("L_cycles", args.l_cycles)) if v is not None}
+    model, tokenizer = load(resolve_model_path(args.model), model_config=overrides)
+    if args.tokenizer is not None or tokenizer is None:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                          f"{model.args.vocab_size}; pass the model's tokenizer with --tokenizer")
+    return model, tokenizer
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model directory")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer if the model directory has none (default: packaged)")
+    parser.add_argument("--halt-max-steps", type=int, default=None,
+                        help="test-time ACT refinement steps (default: the model's)")
+    parser.add_argument("--l-cycles", type=int, default=None,
+                        help="test-time L_cycles (default: the model's)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temp: float = 0.0,
+                           top_k: int = 0) -> None:
+    parser.add_argument("--temp", type=float, default=temp, help="temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=top_k, help="keep the k most likely (0: off)")
+    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus mass (0 or 1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
+                sampler: Sampler) -> None:
+    prompts = read_prompts(args.prompts_file)
+    longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
+    warning = check_length(model, longest, args.max_tokens)
+    if warning:
+        print(warning, file=sys.stderr)
+    result = batch_generate(model, tokenizer, prompts, args.max_tokens, batch_size=args.batch_size,
+                            ignore_eos=args.ignore_eos, sampler=sampler,
+                            use_cache=not args.no_cache, compile=not args.no_compile)
+    settings = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+                "min_p": args.min_p, "seed": args.seed,
+                "halt_max_steps": model.args.halt_max_steps, "L_cycles": model.args.L_cycles}
+    lines = [json.dumps({"id": i, "prompt": p, "completion": text.rstrip(),
+                         "generation_tokens": len(ids), "finish_reason": reason, **settings})
+             for i, (p, text, ids, reason) in enumerate(
+                 zip(prompts, result.texts, result.tokens, result.finish_reasons))]
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        print(f"wrote {len(lines)} stories to {out}")
+        print_stats(result.stats)
+    else:  # JSON lines on stdout, statistics on stderr
+        for line in lines:
+            print(line)
+        print_stats(result.stats, file=sys.stderr)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mlx_trm.generate",
+        description="Continue a story with a (recursive) TRM model, mlx-lm style.")
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    parser.add_argument("--max-tokens", "-m", type=int, default=256,
+                        help="new tokens at most (stops earlier at end-of-story)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--no-cache", action="store_true",
+                        help="re-run the whole sequence per token, as the reference (slow)")
+    parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="do not stop at end-of-story (benchmarking)")
+    parser.add_argument("--prompts-file", default=None,
+                        help="batch mode: prompts, one per line (or .jsonl with 'prompt')")
+    parser.add_argument("--output", default=None,
+                        help="batch mode: write JSON lines here (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch mode: prompts at once")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the model, its cache slots and the BLAS first")
+    args = parser.parse_args(argv)
+    if args.max_tokens == 0 or args.max_tokens < -1:
+        raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
+
+    hint = blas_warning()
+    if hint:
+        print(hint, file=sys.stderr)
+    model, tokenizer = load_for_generation(args)
+    sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    if args.verbose:
+        a = model.args
+        print(f"model: {a.name} ({a.kind}), halt_max_steps={a.halt_max_steps}, "
+              f"H_cycles={a.H_cycles}, L_cycles={a.L_cycles}, L_layers={a.L_layers}, "
+              f"cache slots: {model.num_cache_slots if not args.no_cache else 'off'}, "
+              f"compiled: {not args.no_cache and not args.no_compile}, BLAS: {loaded_blas()}")
+    if args.prompts_file:
+        return _batch_main(args, model, tokenizer, sampler)
+
+    ids = encode_prompt(tokenizer, args.prompt)
+    warning = check_length(model, len(ids), args.max_tokens)
+    if warning:
+        print(warning, file=sys.stderr)
+    print("=" * 10)
+    print(args.prompt, end="", flush=True)
+    response = None
+    for response in stream_generate(model, tokenizer, ids, args.max_tokens, sampler=sampler,
+                                    ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
+                                    compile=not args.no_compile):
+        print(response.text, end="", flush=True)
+    print()
+    if response is not None:
+        print_stats(response)
+
+
+if __name__ == "__main__":
+    main()
