@@ -74,6 +74,9 @@ def write_model_dir(dir: Path, model: nn.Module, tokenizer: Any = None,
     mx.save_safetensors(str(dir / WEIGHTS_FILE), model_weights(model), metadata={"format": "mlx"})
     if tokenizer is not None:
         tokenizer.save(dir)
+    from .interop import write_mlx_lm_files  # also an mlx-lm model (mlx_lm.generate/server)
+
+    write_mlx_lm_files(dir, config, tokenizer)
 
 
 def save(path: str | Path, model: nn.Module, tokenizer: Any = None,
