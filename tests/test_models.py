@@ -42,6 +42,8 @@ def n_trainable(model: nn.Module) -> int:
 @pytest.mark.parametrize("name,count", [
     ("trm_tinystories_1m_flat", 1_033_346), ("trm_tinystories_1m", 1_066_114),
     ("trm_tinystories_1m_noact", 1_066_114), ("trm_tinystories_1m_noact_1l", 1_066_114),
+    ("trm_tinystories_1m_moeut", 1_084_038), ("trm_tinystories_1m_moeut_act", 1_084_038),
+    ("trm_tinystories_1m_moeut_noact", 1_084_038), ("trm_tinystories_10m_moeut", 10_650_758),
 ])
 def test_parameter_counts_match_reference(name, count):
     model = reference_model(name)
@@ -49,7 +51,8 @@ def test_parameter_counts_match_reference(name, count):
     # the tied embedding is one parameter, and the buffers are not trainable
     keys = [k for k, _ in tree_flatten(model.trainable_parameters())]
     assert "embed_tokens.embedding_weight" in keys
-    assert not any("lm_head" in k or "_init" in k for k in keys)
+    assert not any("lm_head" in k or "_init" in k or "expert_bias" in k or "target_std" in k
+                   for k in keys)
 
 
 def test_swiglu_width_rounding():
@@ -68,7 +71,8 @@ def logits_per_act_step(model, inputs):
     return out
 
 
-@pytest.mark.parametrize("name", ["trm_tinystories_1m_flat", "trm_tinystories_1m"])
+@pytest.mark.parametrize("name", ["trm_tinystories_1m_flat", "trm_tinystories_1m",
+                                  "trm_tinystories_1m_moeut_act"])
 def test_causality_at_every_act_step(name):
     model = reference_model(name)
     T, t = 48, 30
