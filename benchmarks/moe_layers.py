@@ -82,23 +82,35 @@ def time_fn(fn, h: mx.array, warmup: int, repeats: int, budget_s: float) -> tupl
     return statistics.median(times) * 1e3, mx.get_peak_memory() / 2**20
 
 
+def make_steps(kind: str, kwargs: dict, batch_size: int, seq_len: int,
+               compile_gather: bool = True) -> tuple[dict, mx.array]:
+    """One layer of the given shape, its timed steps and their input ``h`` [B, T, D].
+
+    Returns ``({variant: step}, h)`` with variants "gather", "gather+compile" (unless
+    ``compile_gather`` is False) and "dense"; ``mx.eval(step(h))`` is one forward + backward
+    (loss and gradients w.r.t. every trainable parameter and ``h``).
+    """
+    mx.random.seed(0)
+    layer = build(kind, kwargs)
+    h = mx.random.normal((batch_size, seq_len, kwargs["hidden_size"]))
+    cot = mx.random.normal(h.shape)
+    steps = {}
+    for variant, forward in forward_fns(kind, layer).items():
+        step = nn.value_and_grad(layer, lambda h, f=forward, c=cot: (f(h) * c).sum())
+        steps[variant] = step
+        if variant == "gather" and compile_gather:
+            state = [layer.state]
+            steps["gather+compile"] = mx.compile(step, inputs=state, outputs=state)
+    return steps, h
+
+
 def bench_moe_layers(tokens: int = 4096, seq_len: int = 512, repeats: int = 10,
                      budget_s: float = 10.0, compile_gather: bool = True,
                      shapes: list | None = None) -> list[dict]:
     """Rows of {layer, variant, ms, peak_mb, speedup} for every shape in ``shapes``."""
     rows = []
     for name, kind, kwargs in shapes or SHAPES:
-        mx.random.seed(0)
-        layer = build(kind, kwargs)
-        h = mx.random.normal((tokens // seq_len, seq_len, kwargs["hidden_size"]))
-        cot = mx.random.normal(h.shape)
-        variants = {}
-        for variant, forward in forward_fns(kind, layer).items():
-            step = nn.value_and_grad(layer, lambda h, f=forward, c=cot: (f(h) * c).sum())
-            variants[variant] = step
-            if variant == "gather" and compile_gather:
-                state = [layer.state]
-                variants["gather+compile"] = mx.compile(step, inputs=state, outputs=state)
+        variants, h = make_steps(kind, kwargs, tokens // seq_len, seq_len, compile_gather)
         results = {}
         for variant, step in variants.items():
             warmup = 1 if variant == "dense" else 2  # the oracle takes seconds at E=192

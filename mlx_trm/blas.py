@@ -19,11 +19,15 @@ def loaded_blas() -> str:
     if platform.system() == "Darwin":
         return "accelerate"
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text().lower()
     except OSError:
         return "unknown"
+    # numpy ships its own OpenBLAS (numpy.libs/libscipy_openblas64_*, symbols renamed): MLX never
+    # calls it, so it must not count as a fast BLAS for MLX.
+    libraries = {line.split()[-1] for line in maps.splitlines() if "/" in line}
+    libraries = {p for p in libraries if "numpy.libs" not in p and "scipy_openblas" not in p}
     for name in ("openblas", "mkl", "blis"):
-        if name in maps.lower():
+        if any(name in p for p in libraries):
             return name
     return "reference"
 
