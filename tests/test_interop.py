@@ -178,7 +178,7 @@ def test_kv_quantization_is_refused(saved, tok):
     model, _ = mlx_lm.load(str(saved["dense_act"][0]), trust_remote_code=True)
     steps = mlx_lm_generate_step(mx.array(tok.encode(PROMPT)), model, max_tokens=2, kv_bits=4,
                                  quantized_kv_start=0)
-    with pytest.raises(NotImplementedError, match="--kv-bits"):
+    with pytest.raises(ValueError, match="--kv-bits"):
         next(steps)
 
 

@@ -93,7 +93,7 @@ class KVCache:
     def to_quantized(self, group_size: int = 64, bits: int = 4) -> KVCache:
         # mlx-lm quantizes slots that define this (--kv-bits); our attention reads plain keys and
         # values, so refuse loudly rather than let mlx-lm skip it silently or break attention.
-        raise NotImplementedError(
+        raise ValueError(
             "mlx-trm models do not support a quantized KV cache; run without --kv-bits")
 
     def size(self) -> int:
