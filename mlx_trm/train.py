@@ -69,8 +69,8 @@ def make_step_functions(model: Model, optimizer: optim.Optimizer, tc: TrainConfi
     """Two functions: ``grad_step`` (forward + backward of one micro-batch) and ``apply_update``.
 
     Splitting them lets a global batch be accumulated over micro-batches; with one micro-batch
-    per step the split costs one extra graph launch. Both are compiled with the model, the
-    optimizer and the random state captured.
+    per step the split costs one extra graph launch. Both are compiled with the model and the
+    optimizer state captured; ACT exploration draws from the ``key`` argument.
     """
     moe = model.args.use_moeut
     scale = 1.0 / tc.global_batch_size
@@ -113,7 +113,7 @@ def make_step_functions(model: Model, optimizer: optim.Optimizer, tc: TrainConfi
 
     if not compile:
         return grad_step, apply_update
-    state = [model.state, optimizer.state, mx.random.state]
+    state = [model.state, optimizer.state]  # randomness comes in as explicit keys
     return (mx.compile(grad_step, inputs=state, outputs=state),
             mx.compile(apply_update, inputs=state, outputs=state))
 
