@@ -155,6 +155,13 @@ class Model(nn.Module):
         ``caches`` yields one KV slot per layer application, in execution order. ``record``, a
         list, collects MoE router calls (entropy regulariser, bias balancing); None in eval.
         """
+        z_H, z_L = self.refine(z_H, z_L, inputs, caches, record)
+        return (z_H, z_L, *self.readout(z_H))
+
+    def refine(self, z_H: mx.array, z_L: mx.array, inputs: mx.array,
+               caches: Iterator | None = None, record: list | None = None
+               ) -> tuple[mx.array, mx.array]:
+        """The recursion of one ACT step (no read-out)."""
         args = self.args
         x = self.embed_scale * self.embed_tokens(inputs)
         if args.flat_transformer:
@@ -178,10 +185,13 @@ class Model(nn.Module):
             for _ in range(args.L_cycles):
                 z_L = self.L_level(z_L, z_H + x, caches, record)
             z_H = self.L_level(z_H, z_L, caches, record)
+        return z_H, z_L
+
+    def readout(self, z_H: mx.array) -> tuple[mx.array, mx.array]:
+        """Logits [B,T,V] from z_H (rms_norm first for flat / MoEUT) and q logits [B,2]."""
+        args = self.args
         out = rms_norm(z_H, args.rms_norm_eps) if (args.use_moeut or args.flat_transformer) else z_H
-        logits = self.embed_tokens.as_linear(out)
-        q_logits = self.q_head(out[:, 0])
-        return z_H, z_L, logits, q_logits
+        return self.embed_tokens.as_linear(out), self.q_head(out[:, 0])
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         """Inference: fresh carry, exactly ``halt_max_steps`` ACT steps, last step's logits.
@@ -197,8 +207,10 @@ class Model(nn.Module):
         z_H, z_L = self.initial_latents(B, T)
         caches = iter(cache) if cache is not None else None
         for _ in range(self.args.halt_max_steps):
-            z_H, z_L, logits, _ = self.inner(z_H, z_L, inputs, caches)
-        return logits
+            z_H, z_L = self.refine(z_H, z_L, inputs, caches)
+        # Only the last step's logits are returned, so only they are computed: with a 10k
+        # vocabulary the read-out is the largest matmul of a step.
+        return self.readout(z_H)[0]
 
 
 # ----------------------------------------------------------------------------------------------
