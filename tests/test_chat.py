@@ -7,24 +7,16 @@ import os
 import subprocess
 import sys
 
-import mlx.core as mx
 import pytest
 
 from mlx_trm import chat
-from mlx_trm.checkpoint import load, save
-from mlx_trm.config import ModelConfig
-from mlx_trm.models import build_model
-from tests.conftest import ROOT
+from mlx_trm.checkpoint import load
+from tests.conftest import ROOT, save_small_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from mlx_trm.tokenizer import load_tokenizer
-
-    mx.random.seed(0)
-    model = build_model(ModelConfig(hidden_size=16, num_heads=2, expansion=2, L_layers=2,
-                                    L_cycles=2, halt_max_steps=2, seq_len=40))
-    return save(tmp_path_factory.mktemp("chat") / "model", model, load_tokenizer())
+    return save_small_model(tmp_path_factory.mktemp("chat") / "model", seq_len=40)
 
 
 def converse(monkeypatch, capsys, model_dir, script: str, *args: str) -> list[str]:

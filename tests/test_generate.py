@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_trm.checkpoint import load, save
+from mlx_trm.checkpoint import load
 from mlx_trm.config import ConfigError, ModelConfig
 from mlx_trm.generate import (
     CachedDecoder,
@@ -24,6 +24,7 @@ from mlx_trm.generate import (
     stream_generate,
 )
 from mlx_trm.models import build_model
+from tests.conftest import save_small_model
 
 # the module: mlx_trm.generate may also name the package's generate() function
 gen = importlib.import_module("mlx_trm.generate")
@@ -177,13 +178,7 @@ def test_cache_grows_past_its_first_capacity(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A random-init dense TRM + ACT saved with the packaged tokenizer (full 10k vocabulary)."""
-    from mlx_trm.tokenizer import load_tokenizer
-
-    mx.random.seed(0)
-    model = build_model(ModelConfig(hidden_size=16, num_heads=2, expansion=2, L_layers=2,
-                                    L_cycles=2, halt_max_steps=2, seq_len=48))
-    return save(tmp_path_factory.mktemp("gen") / "model", model, load_tokenizer())
+    return save_small_model(tmp_path_factory.mktemp("gen") / "model", seq_len=48)
 
 
 @pytest.mark.parametrize("override", [{"halt_max_steps": 8}, {"L_cycles": 4}])
