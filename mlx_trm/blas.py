@@ -41,3 +41,12 @@ def blas_warning() -> str | None:
     if mx.default_device() != mx.cpu or loaded_blas() != "reference":
         return None
     return f"warning: MLX is using its slow bundled BLAS (~30x slower matmuls); fix: {FIX}"
+
+
+def warn_if_slow_blas() -> None:
+    """Print :func:`blas_warning` to stderr when it applies (the CLIs call this at start)."""
+    import sys
+
+    warning = blas_warning()
+    if warning:
+        print(warning, file=sys.stderr)

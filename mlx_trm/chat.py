@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import mlx.core as mx
 import mlx.nn as nn
 
-from .blas import blas_warning
+from .blas import warn_if_slow_blas
 from .config import ConfigError, cli_errors
 from .generate import (
     GenerationResponse,
@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
     args = parser.parse_args(argv)
 
-    hint = blas_warning()
-    if hint:
-        print(hint, file=sys.stderr)
+    warn_if_slow_blas()
     model, tokenizer = load_for_generation(args)
     if args.seed is not None:
         mx.random.seed(args.seed)

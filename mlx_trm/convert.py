@@ -80,9 +80,14 @@ def arch_from_checkpoint(checkpoint: dict[str, Any], state: dict[str, Any]) -> M
     return model_config
 
 
-def torch_state_to_mlx(state_dict: dict[str, Any], flat: bool) -> dict[str, mx.array]:
-    """Reference state dict -> our weight names (prefix stripped, tied duplicate dropped)."""
-    state = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in state_dict.items()}
+def strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``model.inner.X`` -> ``X`` (keys without the prefix are kept as they are)."""
+    return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in state_dict.items()}
+
+
+def torch_state_to_mlx(state: dict[str, Any], flat: bool) -> dict[str, mx.array]:
+    """Stripped reference state dict -> our weights (old flat names renamed, tied copy dropped)."""
+    state = dict(state)  # the caller's dict stays as it was
     if flat and not any(k.startswith("flat_layers.") for k in state):
         state = {k.replace("L_level.layers.", "flat_layers.", 1): v for k, v in state.items()}
     head = state.pop("lm_head.weight", None)
@@ -100,10 +105,10 @@ def torch_to_mlx(checkpoint_path: str | Path, out_dir: str | Path,
 
     checkpoint = read_torch_checkpoint(checkpoint_path)
     raw_state = checkpoint["model_state_dict"]
-    stripped = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw_state.items()}
+    stripped = strip_prefix(raw_state)
     config = arch_from_checkpoint(checkpoint, stripped)
     model = build_model(config)
-    load_weights_strict(model, torch_state_to_mlx(raw_state, config.flat_transformer),
+    load_weights_strict(model, torch_state_to_mlx(stripped, config.flat_transformer),
                         str(checkpoint_path))
     tok = None
     if tokenizer is not None:

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .blas import warn_if_slow_blas
 from .config import ConfigError, cli_errors
 
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="test-time ACT steps (default: the model's)")
     parser.add_argument("--l-cycles", type=int, default=None, help="test-time L_cycles")
     args = parser.parse_args(argv)
+    warn_if_slow_blas()
     overrides = {k: v for k, v in (("halt_max_steps", args.halt_max_steps),
                                    ("L_cycles", args.l_cycles)) if v is not None}
     model, tokenizer = load(args.model, model_config=overrides)

@@ -32,7 +32,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .blas import blas_warning, loaded_blas
+from .blas import loaded_blas, warn_if_slow_blas
 from .config import ConfigError, cli_errors
 from .models.cache import BatchKVCache, CachePositions, grow_batch_cache, make_batch_cache
 
@@ -584,9 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_tokens == 0 or args.max_tokens < -1:
         raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
 
-    hint = blas_warning()
-    if hint:
-        print(hint, file=sys.stderr)
+    warn_if_slow_blas()
     model, tokenizer = load_for_generation(args)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
     if args.seed is not None:

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .blas import warn_if_slow_blas
 from .checkpoint import load_weights_strict, save, write_json_atomic
 from .config import Config, ConfigError, TrainConfig, cli_errors, load_config
 from .models import Model, act_loss, act_step, build_model, initial_carry
@@ -254,15 +255,6 @@ def _init_wandb(config: Config) -> Any:
                       name=Path(config.out_dir).name)
 
 
-def check_fast_blas() -> None:
-    """On Linux, MLX's bundled BLAS is ~30x slower than OpenBLAS: say how to fix it."""
-    from .blas import blas_warning
-
-    warning = blas_warning()
-    if warning:
-        print(warning, file=sys.stderr)
-
-
 def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) -> Path:
     """Run (or resume) training as ``config`` says; returns the checkpoint directory.
 
@@ -290,7 +282,7 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
     leader = rank == 0
     say = (lambda *a: print(*a, file=sys.stderr)) if leader and not quiet else (lambda *a: None)
     if leader:
-        check_fast_blas()
+        warn_if_slow_blas()
 
     # Data first: bad paths fail before any model work.
     tokenizer = load_tokenizer(dc.tokenizer)
