@@ -212,8 +212,6 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field annotation (int, float, bool, str, X | None)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"float": float, "int": int, "str": str, "bool": bool})
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -244,7 +242,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 def dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     """Build a config dataclass from a dict, rejecting unknown keys and wrong types."""
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # real types, not the strings of postponed annotations
     kwargs = {}
     for key, value in (values or {}).items():
         if key not in hints:
