@@ -7,7 +7,10 @@ Metal and needs none of this.
 
 from __future__ import annotations
 
+import ctypes
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
@@ -50,3 +53,40 @@ def warn_if_slow_blas() -> None:
     warning = blas_warning()
     if warning:
         print(warning, file=sys.stderr)
+
+
+def _openblas() -> ctypes.CDLL | None:
+    """The process's OpenBLAS (preloaded or linked globally), if it exports its thread API."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        lib = ctypes.CDLL(None)
+        lib.openblas_get_num_threads, lib.openblas_set_num_threads  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+@contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """Run the block with OpenBLAS on ``n`` threads, then restore its setting (a no-op for any
+    other BLAS, Apple's included).
+
+    Decoding multiplies one row per prompt at a time: such a matmul is far too small to split,
+    and OpenBLAS's idle workers spin (``sched_yield``) on the cores the decode step needs. With
+    two cores, one thread makes a ``trm_tinystories_1m`` decode step ~1.3x faster.
+    """
+    lib = _openblas()
+    if lib is None:
+        yield
+        return
+    import mlx.core as mx
+
+    mx.synchronize()  # no matmul of queued work may run while the thread count changes
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        lib.openblas_set_num_threads(before)

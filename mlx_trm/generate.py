@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .blas import loaded_blas, warn_if_slow_blas
+from .blas import blas_threads, loaded_blas, warn_if_slow_blas
 from .config import ConfigError, cli_errors
 from .models.cache import BatchKVCache, CachePositions, grow_batch_cache, make_batch_cache
 
 Sampler = Callable[[mx.array], mx.array]
 
 CACHE_BLOCK = 256  # cache buffers hold prompt + max_tokens rounded up to this; grown by it
+WINDOW_BLOCK = 64  # decode attention reads the written columns rounded up to this (a trace each)
 DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "model"
 
 # ----------------------------------------------------------------------------------------------
@@ -119,8 +121,8 @@ def _decode_step(model: nn.Module) -> Callable:
     """One decode step through all cache slots, as a pure function of arrays (compilable)."""
 
     def step(tokens: mx.array, index: mx.array, left_padding: mx.array,
-             keys: list[mx.array], values: list[mx.array]):
-        positions = CachePositions(index, left_padding, keys[0].shape[2])
+             keys: list[mx.array], values: list[mx.array], window: int | None = None):
+        positions = CachePositions(index, left_padding, keys[0].shape[2], window)
         cache = [BatchKVCache(positions, k, v) for k, v in zip(keys, values)]
         logits = model(tokens[:, None], cache=cache)[:, -1]
         return logits, [c.keys for c in cache], [c.values for c in cache]
@@ -160,6 +162,7 @@ class CachedDecoder:
         L, n = self.length, self.prefill_step_size
         for start in range(0, L, n):
             chunk = self.tokens[:, start:start + n]
+            self.positions.window = start + chunk.shape[1]
             logits = self.model(chunk, cache=self.cache)[:, -1]
             self.positions.advance(chunk.shape[1])
             if start + n < L:  # keep the graph of a long prompt small
@@ -172,7 +175,11 @@ class CachedDecoder:
             grow_batch_cache(pos, self.cache, CACHE_BLOCK)
         keys = [c.keys for c in self.cache]
         values = [c.values for c in self.cache]
-        logits, keys, values = self._step(tokens, pos.index, pos.left_padding, keys, values)
+        # Attend over the written columns rounded up to a block: one trace per block, and a
+        # step's attention costs in proportion to the columns it reads.
+        window = -(-(self.length + 1) // WINDOW_BLOCK) * WINDOW_BLOCK
+        logits, keys, values = self._step(tokens, pos.index, pos.left_padding, keys, values,
+                                          min(window, pos.capacity))
         for c, k, v in zip(self.cache, keys, values):
             c.keys, c.values = k, v
         pos.advance(1)
@@ -225,16 +232,18 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
         return
     y, logprobs = sample(decode.prefill())
     mx.async_eval(y, logprobs)
-    n = 0
-    while True:
-        if n + 1 != max_tokens:
-            next_y, next_logprobs = sample(decode(y))
-            mx.async_eval(next_y, next_logprobs)
-        yield y, logprobs
-        n += 1
-        if n == max_tokens:
-            return
-        y, logprobs = next_y, next_logprobs
+    # A cached step multiplies one row per prompt: on a CPU, BLAS threads only get in its way.
+    with blas_threads(1) if use_cache else nullcontext():
+        n = 0
+        while True:
+            if n + 1 != max_tokens:
+                next_y, next_logprobs = sample(decode(y))
+                mx.async_eval(next_y, next_logprobs)
+            yield y, logprobs
+            n += 1
+            if n == max_tokens:
+                return
+            y, logprobs = next_y, next_logprobs
 
 
 def generate_step(prompt: mx.array | Sequence[int], model: nn.Module, *, max_tokens: int = 256,

@@ -97,6 +97,39 @@ def test_cached_greedy_and_sampled_ids_equal_uncached(kind):
     assert len(set(runs[0])) > 1
 
 
+@pytest.mark.parametrize("kind", ["dense_act", "moeut_act"])
+def test_attention_window_stays_exact_across_its_blocks(kind, monkeypatch):
+    # decode attention reads the written columns rounded up to WINDOW_BLOCK: a small block makes
+    # the window (and the compiled trace) change many times within the sequence
+    monkeypatch.setattr(gen, "WINDOW_BLOCK", 4)
+    model = small_model(kind)
+    seq = PROMPT + [int(t) for t in mx.random.randint(1, 97, (24,), key=mx.random.key(2))]
+    full = full_logits(model, seq)
+    assert np.abs(decoded_logits(model, seq, prefill=3) - full[2:]).max() <= 1e-4
+
+
+def test_cached_decode_runs_blas_on_one_thread_then_restores_it():
+    from mlx_trm.blas import _openblas
+
+    lib = _openblas()
+    if lib is None:
+        pytest.skip("OpenBLAS is not loaded in this process (LD_PRELOAD it, as .ci/run does)")
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(2)
+    try:
+        model = small_model("dense")
+        seen = [lib.openblas_get_num_threads()
+                for _ in generate_tokens([PROMPT], model, max_tokens=3)]
+        assert seen == [1, 1, 1]
+        assert lib.openblas_get_num_threads() == 2
+        # the full re-forward multiplies whole sequences: it keeps every thread
+        seen = [lib.openblas_get_num_threads()
+                for _ in generate_tokens([PROMPT], model, max_tokens=2, use_cache=False)]
+        assert seen == [2, 2]
+    finally:
+        lib.openblas_set_num_threads(before)
+
+
 def test_slot_count_is_one_per_layer_application():
     model = small_model("dense_act")  # 3 ACT steps * 2 H cycles * (2 + 1) stages * 2 layers
     assert model.num_cache_slots == 36 == len(model.make_cache())

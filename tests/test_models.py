@@ -152,7 +152,8 @@ def test_act_mixed_rows_reset_independently():
     # row 1 continued from its carried latent, row 0 restarted from H_init
     z_H, z_L = model.initial_latents(1, T)
     ref_row0, *_ = model.inner(z_H, z_L, b2[:1])
-    np.testing.assert_allclose(np.array(carry["z_H"][0]), np.array(ref_row0[0]), atol=1e-6)
+    # atol: a 2-row and a 1-row matmul may round differently (BLAS kernels depend on M)
+    np.testing.assert_allclose(np.array(carry["z_H"][0]), np.array(ref_row0[0]), atol=1e-5)
     assert np.abs(np.array(carry["z_H"][1]) - z_H_row1).max() > 1e-4
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
 
 class KVCache:
@@ -117,10 +116,15 @@ class CachePositions:
     once the forward has run (:meth:`advance`).
     """
 
-    def __init__(self, index: mx.array, left_padding: mx.array, capacity: int):
+    def __init__(self, index: mx.array, left_padding: mx.array, capacity: int,
+                 window: int | None = None):
         self.index = index
         self.left_padding = left_padding
         self.capacity = capacity
+        # Attention reads only the first ``window`` columns (all when None). A decode step's
+        # attention costs in proportion to the columns read, so the decoder keeps the window a
+        # little past the written columns instead of reading the whole buffer.
+        self.window = window
         self._masks: dict[int, mx.array] = {}
         # Derived arrays are built once per forward and shared by every slot: each operation
         # in a decode step costs microseconds of overhead, and there are 56 slots.
@@ -143,15 +147,20 @@ class CachePositions:
             self._start = self.index.reshape(1)
         return self._start
 
+    @property
+    def columns(self) -> int:
+        """How many leading buffer columns attention reads."""
+        return self.capacity if self.window is None else min(self.window, self.capacity)
+
     def make_mask(self, n: int) -> mx.array:
-        """Boolean [B, 1, n, capacity]: causal over the written columns, pad columns hidden.
+        """Boolean [B, 1, n, columns]: causal over the written columns, pad columns hidden.
 
         A pad query would see no key at all (a NaN softmax whose NaN later meets real rows as
         0 * NaN), so pad queries see themselves; their outputs are never read by a real token.
         Computed once per forward and shared by every slot.
         """
         if n not in self._masks:
-            col = mx.arange(self.capacity)
+            col = mx.arange(self.columns)
             row = self.index + mx.arange(n)[:, None]  # column of each query
             pad = self.left_padding[:, None, None, None]
             mask = (col <= row) & ((col >= pad) | (col == row))
@@ -165,15 +174,19 @@ class CachePositions:
         ``mx.fast.rope``), so it is built once per forward for each distinct ``freqs`` array and
         reused by every layer application; the angles are computed as mx.fast.rope does.
         """
-        T, dims = x.shape[2], x.shape[3]
+        B, n, T, dims = x.shape
+        half = dims // 2
         key = (id(freqs), T)
         if key not in self._tables:
             pos = (self.offset[:, None] + mx.arange(T)).astype(mx.float32)  # [B, T]
-            angles = pos[..., None] * mx.reciprocal(freqs)
-            angles = mx.concatenate([angles, angles], axis=-1)[:, None]  # [B, 1, T, Dh]
-            self._tables[key] = (mx.cos(angles), mx.sin(angles), freqs)
-        cos, sin, _ = self._tables[key]
-        return x * cos + (x @ rotate_half_matrix(dims)) * sin
+            angles = (pos[..., None] * mx.reciprocal(freqs))[:, None, :, None]  # [B, 1, T, 1, h]
+            sin = mx.sin(angles)
+            # rotate_half(x) * sin == flip(x halves) * [-sin, sin]: the flip is a strided view,
+            # so RoPE is one fused elementwise kernel (no matmul, no concatenation)
+            self._tables[key] = (mx.cos(angles), mx.concatenate([-sin, sin], axis=3), freqs)
+        cos, signed_sin, _ = self._tables[key]
+        halves = x.reshape(B, n, T, 2, half)
+        return (halves * cos + halves[..., ::-1, :] * signed_sin).reshape(B, n, T, dims)
 
     def advance(self, n: int) -> None:
         self.index = self.index + n
@@ -188,8 +201,9 @@ class BatchKVCache:
     """One layer application's keys and values in fixed-capacity buffers [B, H, capacity, Dh].
 
     Written in place at ``positions.index`` with ``mx.slice_update`` (an array start index, so a
-    compiled step never sees a Python position); attention reads the whole buffer under the mask
-    of ``positions``. Buffers are allocated on the first write.
+    compiled step never sees a Python position); attention reads the buffer's first
+    ``positions.columns`` columns under the mask of ``positions``. Buffers are allocated on the
+    first write.
     """
 
     def __init__(self, positions: CachePositions, keys: mx.array | None = None,
@@ -217,7 +231,10 @@ class BatchKVCache:
         start = self.positions.start
         self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
         self.values = mx.slice_update(self.values, values, start, axes=(2,))
-        return self.keys, self.values
+        C = self.positions.columns
+        if C == self.positions.capacity:
+            return self.keys, self.values
+        return self.keys[..., :C, :], self.values[..., :C, :]
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | list:
@@ -251,17 +268,3 @@ def grow_batch_cache(positions: CachePositions, cache: list[BatchKVCache], extra
         slot.values = mx.concatenate(
             [slot.values, mx.zeros((B, H, extra, slot.values.shape[3]), slot.values.dtype)], 2)
 
-
-_ROTATE_HALF: dict[int, mx.array] = {}
-
-
-def rotate_half_matrix(dims: int) -> mx.array:
-    """P with ``x @ P == concatenate([-x2, x1])`` (NeoX rotate_half) exactly: one matmul
-    instead of two slices, a negation and a concatenation."""
-    if dims not in _ROTATE_HALF:
-        half = dims // 2
-        p = np.zeros((dims, dims), dtype=np.float32)
-        p[np.arange(half) + half, np.arange(half)] = -1.0
-        p[np.arange(half), np.arange(half) + half] = 1.0
-        _ROTATE_HALF[dims] = mx.array(p)
-    return _ROTATE_HALF[dims]
