@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -84,6 +85,9 @@ def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
         "peak_memory_gb": peak, "sample": PROMPT + sample,
         "run_dir": str(run_dir),
     }
+    if not model.args.flat_transformer:
+        row["trained"] = {"halt_max_steps": model.args.halt_max_steps,
+                          "L_cycles": model.args.L_cycles}
     if not model.args.flat_transformer and args.sweep:
         row["test_time"] = test_time_sweep(run_dir, model.args, args, tok)
     return row
@@ -113,16 +117,30 @@ def test_time_sweep(run_dir: Path, trained, args: argparse.Namespace, tokenizer)
     return rows
 
 
-def write_report(rows: list[dict], baseline: float, args: argparse.Namespace, command: str
-                 ) -> None:
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": command, "machine": f"{platform.system()} {platform.machine()}",
-            "mlx_version": mx.__version__, "device": str(mx.default_device()),
+def machine_meta(command: str, baseline: float) -> dict:
+    from mlx_trm.blas import loaded_blas
+
+    return {"command": command, "machine": f"{platform.system()} {platform.machine()}, "
+            f"{os.cpu_count()} cores", "mlx_version": mx.__version__,
+            "device": str(mx.default_device()), "blas": loaded_blas(),
             "unigram_val_token_ce": baseline}
+
+
+def trained_settings(run_dir: Path) -> dict:
+    import yaml
+
+    model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    return {"halt_max_steps": model["halt_max_steps"], "L_cycles": model["L_cycles"]}
+
+
+def write_report(rows: list[dict], meta: dict, out: Path) -> None:
+    """results.json, results.md (tables, samples) and the two PNGs into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    baseline, command = meta["unigram_val_token_ce"], meta["command"]
     (out / "results.json").write_text(json.dumps({"meta": meta, "variants": rows}, indent=2))
     lines = [f"Command: `{command}`", "",
-             f"Machine: {meta['machine']}, MLX {meta['mlx_version']} ({meta['device']}). "
+             f"Machine: {meta['machine']}, MLX {meta['mlx_version']} ({meta['device']}, BLAS: "
+             f"{meta.get('blas', '?')}). "
              f"Unigram baseline (same tokenizer): {baseline:.3f} nats.", "",
              "| variant | params | val CE (nats) | ppl | vs unigram | train tok/s | gen tok/s "
              "(cached) | peak GB |", "|---|---|---|---|---|---|---|---|"]
@@ -132,23 +150,38 @@ def write_report(rows: list[dict], baseline: float, args: argparse.Namespace, co
                      f"{r['train_tokens_per_sec']:,.0f} | {r['generation_tokens_per_sec']:,.0f} | "
                      f"{r['peak_memory_gb']:.2f} |")
     sweeps = [r for r in rows if r.get("test_time")]
+    for r in sweeps:
+        r.setdefault("trained", trained_settings(Path(r["run_dir"])))
     if sweeps:
-        keys = [tuple(s.items())[0] for s in sweeps[0]["test_time"]]
-        header = " | ".join(f"{k}={v}" for k, v in keys)
-        lines += ["", "Test-time recursion (val CE, nats):", "",
-                  f"| variant | {header} |", "|---|" + "---|" * len(keys)]
+        halts = sorted({s["halt_max_steps"] for r in sweeps for s in r["test_time"]
+                        if "halt_max_steps" in s})
+        lines += ["", "Test-time recursion: val CE (nats) with other inference settings than "
+                  "trained, on the first stories of the validation split (see sweep_stories "
+                  "in results.json); * marks the trained setting.", "",
+                  "| variant | " + " | ".join(f"halt_max_steps={n}" for n in halts)
+                  + " | L_cycles overrides |", "|---|" + "---|" * (len(halts) + 1)]
         for r in sweeps:
-            values = " | ".join(f"{s['val_token_ce']:.3f}" for s in r["test_time"])
-            lines.append(f"| {r['variant']} | {values} |")
+            by_halt = {s["halt_max_steps"]: s["val_token_ce"] for s in r["test_time"]
+                       if "halt_max_steps" in s}
+            trained = r["trained"]
+            cells = [f"{by_halt[n]:.3f}{'*' if n == trained['halt_max_steps'] else ''}"
+                     if n in by_halt else "" for n in halts]
+            l_cells = [f"L={s['L_cycles']}: {s['val_token_ce']:.3f}" for s in r["test_time"]
+                       if "L_cycles" in s]
+            l_cells.append(f"(trained L={trained['L_cycles']})")
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " | "
+                         + ", ".join(l_cells) + " |")
     lines += ["", "Greedy samples:", ""]
     lines += [f"- **{r['variant']}**: {r['sample']!r}" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from plot_metrics import plot_runs, read_run
+        from plot_metrics import plot_runs, plot_test_time, read_run
 
         plot_runs([read_run(Path(r["run_dir"])) for r in rows], out / "loss_curves.png",
                   "1M variants on the same budget", baseline)
+        if sweeps:
+            plot_test_time(sweeps, out / "test_time_recursion.png")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install -e '.[plot]')", file=sys.stderr)
 
@@ -170,7 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results.md and the plots from --out/results.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        saved = json.loads((args.out / "results.json").read_text())
+        write_report(saved["variants"], saved["meta"], args.out)
+        print((args.out / "results.md").read_text())
+        return
     from mlx_trm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
@@ -178,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"unigram baseline: {baseline:.4f} nats", file=sys.stderr)
     rows = [run_variant(name, args, tokenizer) for name in args.variants]
     command = "python scripts/compare_variants.py " + " ".join(argv or sys.argv[1:])
-    write_report(rows, baseline, args, command)
+    meta = {**machine_meta(command, baseline), "eval_stories": args.eval_stories,
+            "sweep_stories": args.sweep_stories}
+    write_report(rows, meta, args.out)
     print((args.out / "results.md").read_text())
 
 

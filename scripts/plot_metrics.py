@@ -74,6 +74,45 @@ def plot_runs(runs: list[dict], out: Path, title: str = "", baseline: float | No
     return out
 
 
+def plot_test_time(rows: list[dict], out: Path, baseline: float | None = None) -> Path:
+    """Held-out CE against inference-time recursion (``halt_max_steps``, ``L_cycles``), one
+    line per variant; ``rows`` are compare_variants.py records with a ``test_time`` sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, knob in zip(axes, ("halt_max_steps", "L_cycles")):
+        for row in rows:
+            points = sorted((s[knob], s["val_token_ce"]) for s in row.get("test_time", [])
+                            if knob in s)
+            trained = row.get("trained", {}).get(knob)
+            if knob == "L_cycles" and trained is not None:
+                # the trained L_cycles is the sweep's point at the trained halt_max_steps
+                halt = row["trained"].get("halt_max_steps")
+                points = sorted({*points, *((trained, s["val_token_ce"]) for s in row["test_time"]
+                                            if s.get("halt_max_steps") == halt)})
+            if points:
+                x, y = zip(*points)
+                line, = ax.plot(x, y, marker="o", markersize=4, label=row["variant"])
+                if trained is not None:
+                    ax.axvline(trained, color=line.get_color(), alpha=0.25, linewidth=4)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"{knob} at inference (shaded: as trained)")
+        ax.set_ylabel("validation token CE (nats)")
+        ax.grid(alpha=0.3)
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Test-time recursion: more refinement at inference than in training?")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")

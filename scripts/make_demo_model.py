@@ -1,0 +1,64 @@
+"""Package a trained run as the demo model that ``mlx_trm.generate`` and ``mlx_trm.chat`` use
+when no ``--model`` is given.
+
+    python scripts/make_demo_model.py runs/compare/trm_tinystories_1m_flat
+
+Writes ``mlx_trm/assets/model``: the run's model directory (config, tokenizer, mlx-lm files)
+with float16 weights (a 1M-parameter model is ~2 MB, small enough to ship in the wheel) and
+``provenance.json``: the run it came from, its training config and its last validation CE.
+Loading casts the weights back to float32; the float16 rounding is the demo model's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "mlx_trm" / "assets" / "model"
+
+
+def last_evaluation(run_dir: Path) -> dict | None:
+    """The last evaluation record of a run's metrics.jsonl (None if it never evaluated)."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    evals = [r for r in records if "val_token_ce" in r]
+    return evals[-1] if evals else None
+
+
+def make_demo(run_dir: Path, out: Path = DEMO, note: str = "") -> Path:
+    from mlx_trm.checkpoint import load, save
+
+    model, tokenizer = load(run_dir)
+    if tokenizer is None:
+        raise SystemExit(f"error: {run_dir} has no tokenizer; a demo model must carry its own")
+    model.set_dtype(mx.float16)
+    save(out, model, tokenizer)
+    provenance = {
+        "source_run": str(run_dir.resolve().relative_to(ROOT)) if run_dir.resolve().is_relative_to(
+            ROOT) else str(run_dir),
+        "weights": "float16 (loaded as float32)",
+        "last_evaluation": last_evaluation(run_dir),
+        "training_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "note": note,
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory written by mlx_trm.train")
+    parser.add_argument("--out", type=Path, default=DEMO)
+    parser.add_argument("--note", default="", help="how the run was made (the command)")
+    args = parser.parse_args(argv)
+    out = make_demo(args.run_dir, args.out, args.note)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

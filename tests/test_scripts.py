@@ -1,0 +1,103 @@
+"""The comparison, plotting and demo-model scripts, end to end on a tiny budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import mlx.core as mx
+import pytest
+
+from mlx_trm.checkpoint import load
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import compare_variants  # noqa: E402
+import make_demo_model  # noqa: E402
+import plot_metrics  # noqa: E402
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    """Two reference variants (flat and dense TRM + ACT) trained for 3 tiny steps each."""
+    from tests.conftest import TINYSTORIES
+
+    if not TINYSTORIES.is_dir():
+        pytest.skip(f"the TinyStories sample is not at {TINYSTORIES}")
+    tmp = tmp_path_factory.mktemp("compare")
+    argv = ["--data", str(TINYSTORIES), "--variants", "trm_tinystories_1m_flat",
+            "trm_tinystories_1m", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+            "--eval-every", "1", "--eval-stories", "4", "--sweep-stories", "2",
+            "--gen-tokens", "3", "--runs", str(tmp / "runs"), "--out", str(tmp / "out")]
+    compare_variants.main(argv)
+    return tmp
+
+
+def test_compare_variants_records_every_variant(comparison):
+    results = json.loads((comparison / "out" / "results.json").read_text())
+    meta, rows = results["meta"], results["variants"]
+    assert [r["variant"] for r in rows] == ["trm_tinystories_1m_flat", "trm_tinystories_1m"]
+    assert 5 < meta["unigram_val_token_ce"] < math.log(10000)
+    assert meta["sweep_stories"] == 2
+    for r in rows:
+        assert r["tokens_trained"] == 3 * 2 * 32  # the same budget for every variant
+        assert math.isfinite(r["val_token_ce"]) and r["val_token_ce"] > 0
+        assert r["train_tokens_per_sec"] > 0 and r["generation_tokens_per_sec"] > 0
+        assert r["sample"].startswith("Once upon a time")
+    flat, act = rows
+    assert "test_time" not in flat  # nothing to recurse
+    assert act["trained"] == {"halt_max_steps": 4, "L_cycles": 6}
+    halts = [s["halt_max_steps"] for s in act["test_time"] if "halt_max_steps" in s]
+    assert halts == [1, 2, 4, 8, 16]
+    assert sorted(s["L_cycles"] for s in act["test_time"] if "L_cycles" in s) == [3, 8, 12]
+    # the sweep really changed the model: different recursion, different cross-entropy
+    assert len({round(s["val_token_ce"], 6) for s in act["test_time"]}) > 1
+
+
+def test_compare_report_tables_and_plots(comparison):
+    out = comparison / "out"
+    report = (out / "results.md").read_text()
+    assert "| trm_tinystories_1m_flat | 1,033,346 |" in report
+    assert "| trm_tinystories_1m | 1,066,114 |" in report
+    assert "halt_max_steps=16" in report and "(trained L=6)" in report
+    if HAS_MATPLOTLIB:
+        for png in ("loss_curves.png", "test_time_recursion.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the report is rebuilt from results.json alone
+    (out / "results.md").unlink()
+    compare_variants.main(["--report-only", "--out", str(out)])
+    assert (out / "results.md").read_text() == report
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="plotting needs matplotlib (the plot extra)")
+def test_plot_metrics_cli(comparison, capsys):
+    runs = comparison / "runs"
+    run = plot_metrics.read_run(runs / "trm_tinystories_1m")
+    assert [x for x, _ in run["valid"]] == [0, 64, 128, 192]  # tokens seen at each evaluation
+    png = comparison / "curves.png"
+    plot_metrics.main([str(runs / "trm_tinystories_1m_flat"), str(runs / "trm_tinystories_1m"),
+                       "--out", str(png)])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        plot_metrics.main([str(comparison), "--out", str(png)])
+
+
+def test_make_demo_model_ships_float16_weights_that_generate(comparison, tmp_path):
+    from mlx_trm.generate import stream_generate
+
+    run = comparison / "runs" / "trm_tinystories_1m_flat"
+    out = make_demo_model.make_demo(run, tmp_path / "demo", note="test")
+    weights = mx.load(str(out / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {mx.float16}
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["training_config"]["train"]["max_steps"] == 3
+    assert provenance["last_evaluation"]["val_token_ce"] > 0
+    model, tokenizer = load(out)
+    assert tokenizer is not None
+    assert model.embed_tokens.embedding_weight.dtype == mx.float32  # computes in float32
+    text = "".join(r.text for r in stream_generate(model, tokenizer, "Once", max_tokens=3))
+    assert text
