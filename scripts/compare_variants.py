@@ -178,8 +178,12 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
     try:
         from plot_metrics import plot_runs, plot_test_time, read_run
 
-        plot_runs([read_run(Path(r["run_dir"])) for r in rows], out / "loss_curves.png",
-                  "1M variants on the same budget", baseline)
+        runs = [Path(r["run_dir"]) for r in rows]
+        if all((run / "metrics.jsonl").is_file() for run in runs):
+            plot_runs([read_run(run) for run in runs], out / "loss_curves.png",
+                      "1M variants on the same budget", baseline)
+        else:  # --report-only without the run directories (a fresh clone)
+            print("run directories are missing: loss_curves.png left as it is", file=sys.stderr)
         if sweeps:
             plot_test_time(sweeps, out / "test_time_recursion.png")
     except ImportError:
