@@ -86,8 +86,7 @@ def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
         "run_dir": str(run_dir),
     }
     if not model.args.flat_transformer:
-        row["trained"] = {"halt_max_steps": model.args.halt_max_steps,
-                          "L_cycles": model.args.L_cycles}
+        row["trained"] = trained_settings(run_dir)
     if not model.args.flat_transformer and args.sweep:
         row["test_time"] = test_time_sweep(run_dir, model.args, args, tok)
     return row
@@ -137,6 +136,10 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
     """results.json, results.md (tables, samples) and the two PNGs into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     baseline, command = meta["unigram_val_token_ce"], meta["command"]
+    sweeps = [r for r in rows if r.get("test_time")]
+    for r in sweeps:  # records written before "trained" was recorded: read the run's config
+        if "trained" not in r:
+            r["trained"] = trained_settings(Path(r["run_dir"]))
     (out / "results.json").write_text(json.dumps({"meta": meta, "variants": rows}, indent=2))
     lines = [f"Command: `{command}`", "",
              f"Machine: {meta['machine']}, MLX {meta['mlx_version']} ({meta['device']}, BLAS: "
@@ -149,9 +152,6 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
                      f"{r['val_perplexity']:.1f} | {r['val_token_ce'] / baseline:.2f} | "
                      f"{r['train_tokens_per_sec']:,.0f} | {r['generation_tokens_per_sec']:,.0f} | "
                      f"{r['peak_memory_gb']:.2f} |")
-    sweeps = [r for r in rows if r.get("test_time")]
-    for r in sweeps:
-        r.setdefault("trained", trained_settings(Path(r["run_dir"])))
     if sweeps:
         halts = sorted({s["halt_max_steps"] for r in sweeps for s in r["test_time"]
                         if "halt_max_steps" in s})
