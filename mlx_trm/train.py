@@ -302,6 +302,9 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
     if tc.resume and (model_dir / TRAIN_STATE).exists():
         state, carry = load_train_state(model_dir, model, optimizer)
         say(f"resuming {model_dir} at step {state['step']}")
+        if state["step"] >= n_steps:  # nothing to train: leave the run exactly as it is
+            say(f"{model_dir} already finished all {n_steps} steps")
+            return model_dir
     elif tc.resume:
         say(f"train.resume=true but {model_dir} holds no checkpoint: starting a new run")
     mx.eval(model.parameters(), optimizer.state)

@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -62,9 +61,8 @@ def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
         f"out_dir={run_dir}", "train.resume=true",
     ]
     config = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
-    t0 = time.perf_counter()
-    train(config)
-    train_seconds = time.perf_counter() - t0
+    train(config)  # a finished run is only reloaded
+    train_seconds = training_seconds(run_dir)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_sec" in r]
     train_tps = statistics.median(r["tokens_per_sec"] for r in steps[1:] or steps)
@@ -83,13 +81,30 @@ def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
         "train_tokens_per_sec": train_tps, "train_seconds": train_seconds,
         "generation_tokens_per_sec": responses[-1].generation_tps,
         "peak_memory_gb": peak, "sample": PROMPT + sample,
-        "run_dir": str(run_dir),
+        "run_dir": relative_path(run_dir),
     }
     if not model.args.flat_transformer:
         row["trained"] = trained_settings(run_dir)
     if not model.args.flat_transformer and args.sweep:
         row["test_time"] = test_time_sweep(run_dir, model.args, args, tok)
     return row
+
+
+def training_seconds(run_dir: Path) -> float:
+    """Wall time of the run's training steps (evaluations excluded), summed over resumes."""
+    from mlx_trm.train import MODEL_SUBDIR, TRAIN_STATE
+
+    state = json.loads((run_dir / MODEL_SUBDIR / TRAIN_STATE / "state.json").read_text())
+    return state["elapsed"]
+
+
+def relative_path(path: Path | str) -> str:
+    """``path`` relative to the project root when it lies beside it (results carry no
+    machine-specific absolute paths), else as given."""
+    path = Path(path)
+    if path.is_absolute() and path.resolve().is_relative_to(ROOT.parent):
+        return os.path.relpath(path.resolve(), ROOT)
+    return str(path)
 
 
 def _flat(model):
@@ -139,7 +154,7 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
     sweeps = [r for r in rows if r.get("test_time")]
     for r in sweeps:  # records written before "trained" was recorded: read the run's config
         if "trained" not in r:
-            r["trained"] = trained_settings(Path(r["run_dir"]))
+            r["trained"] = trained_settings(ROOT / r["run_dir"])
     (out / "results.json").write_text(json.dumps({"meta": meta, "variants": rows}, indent=2))
     lines = [f"Command: `{command}`", "",
              f"Machine: {meta['machine']}, MLX {meta['mlx_version']} ({meta['device']}, BLAS: "
@@ -178,7 +193,7 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
     try:
         from plot_metrics import plot_runs, plot_test_time, read_run
 
-        runs = [Path(r["run_dir"]) for r in rows]
+        runs = [ROOT / r["run_dir"] for r in rows]
         if all((run / "metrics.jsonl").is_file() for run in runs):
             plot_runs([read_run(run) for run in runs], out / "loss_curves.png",
                       "1M variants on the same budget", baseline)

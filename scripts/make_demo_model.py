@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import yaml
+from compare_variants import relative_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "mlx_trm" / "assets" / "model"
@@ -37,12 +38,15 @@ def make_demo(run_dir: Path, out: Path = DEMO, note: str = "") -> Path:
         raise SystemExit(f"error: {run_dir} has no tokenizer; a demo model must carry its own")
     model.set_dtype(mx.float16)
     save(out, model, tokenizer)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # the shipped file names no path of the machine that made it
+    config["out_dir"] = relative_path(config["out_dir"])
+    config["data"]["path"] = relative_path(config["data"]["path"])
     provenance = {
-        "source_run": str(run_dir.resolve().relative_to(ROOT)) if run_dir.resolve().is_relative_to(
-            ROOT) else str(run_dir),
+        "source_run": relative_path(run_dir),
         "weights": "float16 (loaded as float32)",
         "last_evaluation": last_evaluation(run_dir),
-        "training_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "training_config": config,
         "note": note,
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")

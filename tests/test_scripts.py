@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_trm.checkpoint import load
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINYSTORIES
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import compare_variants  # noqa: E402
@@ -24,8 +24,6 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     """Two reference variants (flat and dense TRM + ACT) trained for 3 tiny steps each."""
-    from tests.conftest import TINYSTORIES
-
     if not TINYSTORIES.is_dir():
         pytest.skip(f"the TinyStories sample is not at {TINYSTORIES}")
     tmp = tmp_path_factory.mktemp("compare")
@@ -56,6 +54,24 @@ def test_compare_variants_records_every_variant(comparison):
     assert sorted(s["L_cycles"] for s in act["test_time"] if "L_cycles" in s) == [3, 8, 12]
     # the sweep really changed the model: different recursion, different cross-entropy
     assert len({round(s["val_token_ce"], 6) for s in act["test_time"]}) > 1
+
+
+def test_rerunning_a_finished_variant_keeps_its_training_time(comparison):
+    first = json.loads((comparison / "out" / "results.json").read_text())["variants"][0]
+    assert first["train_seconds"] > 0
+    compare_variants.main(["--data", str(TINYSTORIES), "--variants", "trm_tinystories_1m_flat",
+                           "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                           "--eval-stories", "4", "--gen-tokens", "3",
+                           "--runs", str(comparison / "runs"), "--out", str(comparison / "again")])
+    again = json.loads((comparison / "again" / "results.json").read_text())["variants"][0]
+    assert again["train_seconds"] == pytest.approx(first["train_seconds"], abs=0.1)
+    assert again["val_token_ce"] == first["val_token_ce"]  # the same weights, not retrained
+
+
+def test_results_name_paths_relative_to_the_project():
+    assert compare_variants.relative_path(ROOT / "runs" / "x") == "runs/x"
+    assert compare_variants.relative_path(ROOT.parent / "shared" / "d") == "../shared/d"
+    assert compare_variants.relative_path("runs/x") == "runs/x"
 
 
 def test_compare_report_tables_and_plots(comparison):

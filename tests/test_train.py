@@ -124,6 +124,12 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+    # resuming a finished run trains, evaluates and writes nothing
+    metrics = tmp_path / "resumed/metrics.jsonl"
+    weights = tmp_path / "resumed/model/model.safetensors"
+    before = metrics.read_bytes(), weights.stat().st_mtime_ns
+    train(resumed, quiet=True)
+    assert (metrics.read_bytes(), weights.stat().st_mtime_ns) == before
 
 
 def test_a_run_learns_and_logs_evaluations(tmp_path):
