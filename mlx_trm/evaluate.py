@@ -29,6 +29,13 @@ def predicted_bytes(tokenizer: Any, labels: np.ndarray) -> int:
     return total
 
 
+# Below this latent spread every position reads out nearly the same z_H (healthy models: > 0.1).
+COLLAPSED_SPREAD = 1e-3
+COLLAPSE_NOTE = ("note: the latents have collapsed: every position reads out nearly the same "
+                 "z_H, so the model predicts one distribution everywhere (the unigram plateau); "
+                 "see benchmarks/results/README.md")
+
+
 def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "validation",
                    batch_size: int = 16, seq_len: int | None = None,
                    max_stories: int | None = None, text_field: str = "text",
@@ -47,12 +54,14 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
     dataset = load_tokens(source, tokenizer, text_field=text_field, max_stories=max_stories)
     eval_fn = make_eval_fn(model)
     total = num_batches(dataset, batch_size, seq_len)
-    ce_sum = tokens = correct = n_bytes = 0.0
+    ce_sum = tokens = correct = n_bytes = spread = rows = 0.0
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("evaluate", total=total)
         # a fixed order (epoch 1 of seed 42) so repeated runs see the same batches
         for inputs, labels in iterate_batches(dataset, batch_size, seq_len):
-            _, ce, n, c = eval_fn(mx.array(inputs), mx.array(labels))
+            _, ce, n, c, s = eval_fn(mx.array(inputs), mx.array(labels))
+            spread += float(s) * len(inputs)
+            rows += len(inputs)
             ce_sum += float(ce)
             tokens += float(n)
             correct += float(c)
@@ -66,6 +75,7 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
         "perplexity": math.exp(min(token_ce, 50.0)),
         "bits_per_byte": ce_sum / math.log(2) / max(n_bytes, 1.0),
         "accuracy": correct / max(tokens, 1.0),
+        "latent_spread": spread / max(rows, 1.0),
     }
 
 
@@ -101,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"perplexity: {result['perplexity']:.2f}")
     print(f"bits per byte: {result['bits_per_byte']:.4f}")
     print(f"accuracy: {result['accuracy']:.4f}")
+    print(f"latent spread: {result['latent_spread']:.3g}")
+    if result["latent_spread"] < COLLAPSED_SPREAD:
+        print(COLLAPSE_NOTE)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .blas import warn_if_slow_blas
 from .checkpoint import load_weights_strict, save, write_json_atomic
 from .config import Config, ConfigError, TrainConfig, cli_errors, load_config
+from .evaluate import COLLAPSE_NOTE, COLLAPSED_SPREAD
 from .models import Model, act_loss, act_step, build_model, initial_carry
 from .models.moe import expert_counts, moe_entropy_reg, renorm_selectors, update_expert_bias
 
@@ -155,7 +156,10 @@ def make_eval_fn(model: Model, compile: bool = True):
     """Evaluate one batch exactly as inference does (fresh carry, ``halt_max_steps`` steps).
 
     Returns sums: the reference's eval loss (mean over ACT steps of total / B, q-halt BCE
-    included), and the last step's token cross-entropy, token count and correct predictions.
+    included), the last step's token cross-entropy, token count and correct predictions, and
+    the latent spread: the share of the final z_H's variance that varies across positions and
+    rows. It falls to ~0 when a TRM collapses onto one read-out vector for every position (the
+    unigram plateau), long before the loss says why it stopped falling.
     """
 
     def eval_batch(inputs, labels):
@@ -167,18 +171,22 @@ def make_eval_fn(model: Model, compile: bool = True):
             total, metrics = act_loss(outputs, carry["labels"])
             reference_loss = reference_loss + total / B
         reference_loss = reference_loss / model.args.halt_max_steps
-        return reference_loss, metrics["token_ce_sum"], metrics["n_tokens"], metrics["correct"]
+        z_H = carry["z_H"]
+        spread = mx.mean(mx.square(z_H - z_H.mean(axis=(0, 1)))) / mx.mean(mx.square(z_H))
+        return (reference_loss, metrics["token_ce_sum"], metrics["n_tokens"], metrics["correct"],
+                spread)
 
     return mx.compile(eval_batch, inputs=model.state) if compile else eval_batch
 
 
 def evaluate_batches(eval_fn, batches, world: Any = None) -> dict[str, float]:
     """Aggregate over batches (and over ranks, each holding a slice of every batch)."""
-    sums = np.zeros(5)  # reference loss * rows, CE sum, tokens, correct, rows
+    sums = np.zeros(6)  # reference loss * rows, CE sum, tokens, correct, rows, spread * rows
     for inputs, labels in batches:
-        ref, ce, n, correct = eval_fn(mx.array(inputs), mx.array(labels))
-        values = mx.stack([ref * inputs.shape[0], ce, n.astype(mx.float32),
-                           correct.astype(mx.float32), mx.array(float(inputs.shape[0]))])
+        ref, ce, n, correct, spread = eval_fn(mx.array(inputs), mx.array(labels))
+        rows = inputs.shape[0]
+        values = mx.stack([ref * rows, ce, n.astype(mx.float32), correct.astype(mx.float32),
+                           mx.array(float(rows)), spread * rows])
         if world is not None and world.size() > 1:
             values = mx.distributed.all_sum(values)
         sums += np.array(values, dtype=np.float64)
@@ -188,6 +196,7 @@ def evaluate_batches(eval_fn, batches, world: Any = None) -> dict[str, float]:
         "perplexity": float(math.exp(min(token_ce, 50.0))),
         "accuracy": float(sums[3] / max(sums[2], 1.0)),
         "reference_eval_loss": float(sums[0] / max(sums[4], 1.0)),
+        "latent_spread": float(sums[5] / max(sums[4], 1.0)),
         "tokens": int(sums[2]),
     }
 
@@ -346,6 +355,7 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
         tc.checkpoint_interval_sequences) else 0
     stop_at = min(n_steps, max_steps) if max_steps else n_steps
     interrupted = False
+    warned_collapse = False
 
     def on_sigint(signum, frame):
         nonlocal interrupted
@@ -409,6 +419,10 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
                     result = run_eval(step)
                     progress.note(f"step {step}: val token CE {result['token_ce']:.4f}, "
                                   f"ppl {result['perplexity']:.1f}")
+                    if result["latent_spread"] < COLLAPSED_SPREAD and not warned_collapse:
+                        warned_collapse = True
+                        progress.note(f"step {step}: latent spread "
+                                      f"{result['latent_spread']:.1e}. {COLLAPSE_NOTE}")
                 if (tc.checkpoint_interval_sequences
                         and seen // tc.checkpoint_interval_sequences > last_ckpt):
                     last_ckpt = seen // tc.checkpoint_interval_sequences

@@ -147,6 +147,24 @@ def test_a_run_learns_and_logs_evaluations(tmp_path):
     assert model.args.hidden_size == 16 and tokenizer is not None
 
 
+def test_latent_spread_detects_a_collapsed_model():
+    from mlx_trm.config import ModelConfig
+    from mlx_trm.models import build_model
+    from mlx_trm.train import evaluate_batches, make_eval_fn
+
+    mx.random.seed(0)
+    model = build_model(ModelConfig(vocab_size=64, hidden_size=16, num_heads=2, expansion=2,
+                                    L_cycles=2, halt_max_steps=2, seq_len=16))
+    inputs = np.random.default_rng(0).integers(1, 64, (4, 16))
+    batches = [(inputs, np.roll(inputs, -1, axis=1))]
+    healthy = evaluate_batches(make_eval_fn(model, compile=False), batches)["latent_spread"]
+    assert healthy > 0.05
+    # with no token information every position refines the same H_init/L_init: one z_H
+    model.embed_tokens.embedding_weight = mx.zeros_like(model.embed_tokens.embedding_weight)
+    collapsed = evaluate_batches(make_eval_fn(model, compile=False), batches)["latent_spread"]
+    assert collapsed < 1e-6
+
+
 def test_existing_run_is_never_overwritten(tmp_path):
     train(small_run_config(tmp_path, "once", "train.max_steps=1"), quiet=True)
     with pytest.raises(ConfigError, match="already holds a run"):
