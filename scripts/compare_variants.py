@@ -43,11 +43,9 @@ def unigram_cross_entropy(data: str, tokenizer) -> float:
     return float(-logp[targets].mean())
 
 
-def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
-    from mlx_trm.checkpoint import load
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    """Train (or resume) one variant with the shared budget, then measure it."""
     from mlx_trm.config import load_config
-    from mlx_trm.evaluate import evaluate_model
-    from mlx_trm.generate import stream_generate
     from mlx_trm.train import train
 
     run_dir = args.runs / name
@@ -62,7 +60,27 @@ def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
     ]
     config = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
     train(config)  # a finished run is only reloaded
-    train_seconds = training_seconds(run_dir)
+    # A finished run measured with these settings before (a comparison of many hours resumed
+    # in a later session) keeps its row: the sweep is the slow part of a variant's evaluation.
+    settings = {"data": relative_path(args.data), "step": train_state(run_dir)["step"],
+                **{k: getattr(args, k) for k in ("eval_stories", "sweep", "sweep_stories",
+                                                  "gen_tokens")}}
+    saved = run_dir / "comparison_row.json"
+    if saved.is_file() and (cached := json.loads(saved.read_text()))["settings"] == settings:
+        print(f"{name}: finished and measured before, row reused from {saved}", file=sys.stderr)
+        return cached["row"]
+    row = measure_variant(name, run_dir, args)
+    saved.write_text(json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
+    return row
+
+
+def measure_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict:
+    """Evaluate, time and sample a trained run (plus the test-time sweep for TRMs)."""
+    from mlx_trm.checkpoint import load
+    from mlx_trm.evaluate import evaluate_model
+    from mlx_trm.generate import stream_generate
+
+    train_seconds = train_state(run_dir)["elapsed"]  # training steps only, summed over resumes
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_sec" in r]
     train_tps = statistics.median(r["tokens_per_sec"] for r in steps[1:] or steps)
@@ -77,7 +95,7 @@ def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
         "variant": name, "parameters": int(sum(v.size for _, v in _flat(model))),
         "tokens_trained": args.steps * args.batch_size * args.seq_len,
         "val_token_ce": result["token_ce"], "val_perplexity": result["perplexity"],
-        "val_bits_per_byte": result["bits_per_byte"],
+        "val_bits_per_byte": result["bits_per_byte"], "val_latent_spread": result["latent_spread"],
         "train_tokens_per_sec": train_tps, "train_seconds": train_seconds,
         "generation_tokens_per_sec": responses[-1].generation_tps,
         "peak_memory_gb": peak, "sample": PROMPT + sample,
@@ -90,12 +108,11 @@ def run_variant(name: str, args: argparse.Namespace, tokenizer) -> dict:
     return row
 
 
-def training_seconds(run_dir: Path) -> float:
-    """Wall time of the run's training steps (evaluations excluded), summed over resumes."""
+def train_state(run_dir: Path) -> dict:
+    """The run's last checkpoint state: step, elapsed training seconds, ..."""
     from mlx_trm.train import MODEL_SUBDIR, TRAIN_STATE
 
-    state = json.loads((run_dir / MODEL_SUBDIR / TRAIN_STATE / "state.json").read_text())
-    return state["elapsed"]
+    return json.loads((run_dir / MODEL_SUBDIR / TRAIN_STATE / "state.json").read_text())
 
 
 def relative_path(path: Path | str) -> str:
@@ -160,11 +177,12 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
              f"Machine: {meta['machine']}, MLX {meta['mlx_version']} ({meta['device']}, BLAS: "
              f"{meta.get('blas', '?')}). "
              f"Unigram baseline (same tokenizer): {baseline:.3f} nats.", "",
-             "| variant | params | val CE (nats) | ppl | vs unigram | train tok/s | gen tok/s "
-             "(cached) | peak GB |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | params | val CE (nats) | ppl | vs unigram | latent spread | train tok/s "
+             "| gen tok/s (cached) | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        spread = f"{r['val_latent_spread']:.2g}" if "val_latent_spread" in r else "–"
         lines.append(f"| {r['variant']} | {r['parameters']:,} | {r['val_token_ce']:.3f} | "
-                     f"{r['val_perplexity']:.1f} | {r['val_token_ce'] / baseline:.2f} | "
+                     f"{r['val_perplexity']:.1f} | {r['val_token_ce'] / baseline:.2f} | {spread} | "
                      f"{r['train_tokens_per_sec']:,.0f} | {r['generation_tokens_per_sec']:,.0f} | "
                      f"{r['peak_memory_gb']:.2f} |")
     if sweeps:
@@ -235,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer()
     baseline = unigram_cross_entropy(args.data, tokenizer)
     print(f"unigram baseline: {baseline:.4f} nats", file=sys.stderr)
-    rows = [run_variant(name, args, tokenizer) for name in args.variants]
+    rows = [run_variant(name, args) for name in args.variants]
     command = "python scripts/compare_variants.py " + " ".join(argv or sys.argv[1:])
     meta = {**machine_meta(command, baseline), "eval_stories": args.eval_stories,
             "sweep_stories": args.sweep_stories}

@@ -56,16 +56,22 @@ def test_compare_variants_records_every_variant(comparison):
     assert len({round(s["val_token_ce"], 6) for s in act["test_time"]}) > 1
 
 
-def test_rerunning_a_finished_variant_keeps_its_training_time(comparison):
+def test_a_finished_variant_is_not_retrained_and_keeps_its_row(comparison, capsys):
     first = json.loads((comparison / "out" / "results.json").read_text())["variants"][0]
     assert first["train_seconds"] > 0
-    compare_variants.main(["--data", str(TINYSTORIES), "--variants", "trm_tinystories_1m_flat",
-                           "--steps", "3", "--batch-size", "2", "--seq-len", "32",
-                           "--eval-stories", "4", "--gen-tokens", "3",
-                           "--runs", str(comparison / "runs"), "--out", str(comparison / "again")])
+    argv = ["--data", str(TINYSTORIES), "--variants", "trm_tinystories_1m_flat", "--steps", "3",
+            "--batch-size", "2", "--seq-len", "32", "--gen-tokens", "3",
+            "--runs", str(comparison / "runs"), "--out", str(comparison / "again")]
+    compare_variants.main([*argv, "--eval-stories", "4", "--sweep-stories", "2"])  # as before
+    assert "row reused" in capsys.readouterr().err
     again = json.loads((comparison / "again" / "results.json").read_text())["variants"][0]
-    assert again["train_seconds"] == pytest.approx(first["train_seconds"], abs=0.1)
-    assert again["val_token_ce"] == first["val_token_ce"]  # the same weights, not retrained
+    assert again == first
+    # other evaluation settings: measured again, on the same (not retrained) weights
+    compare_variants.main([*argv, "--eval-stories", "3", "--sweep-stories", "2"])
+    assert "row reused" not in capsys.readouterr().err
+    third = json.loads((comparison / "again" / "results.json").read_text())["variants"][0]
+    assert third["val_token_ce"] != first["val_token_ce"]
+    assert third["train_seconds"] == first["train_seconds"]
 
 
 def test_results_name_paths_relative_to_the_project():
@@ -77,7 +83,7 @@ def test_results_name_paths_relative_to_the_project():
 def test_compare_report_tables_and_plots(comparison):
     out = comparison / "out"
     report = (out / "results.md").read_text()
-    assert "| trm_tinystories_1m_flat | 1,033,346 |" in report
+    assert "| trm_tinystories_1m_flat | 1,033,346 |" in report and "latent spread" in report
     assert "| trm_tinystories_1m | 1,066,114 |" in report
     assert "halt_max_steps=16" in report and "(trained L=6)" in report
     if HAS_MATPLOTLIB:
