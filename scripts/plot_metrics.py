@@ -2,7 +2,9 @@
 
 Each RUN is a run directory written by ``mlx_trm.train`` (its ``metrics.jsonl`` and
 ``config.yaml``). The left panel shows the training loss (smoothed), the right one the held-out
-token cross-entropy, both against tokens seen. Needs matplotlib (``pip install -e ".[plot]"``).
+token cross-entropy, both against tokens seen; a third panel shows the latent spread (log
+scale) when the runs logged it: a TRM collapsed onto one read-out sits near zero. Needs
+matplotlib (``pip install -e ".[plot]"``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def read_run(run_dir: Path) -> dict:
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (
         run_dir / "config.yaml").is_file() else {}
     seq_len = config.get("model", {}).get("seq_len", 512)
-    train, valid = [], []
+    train, valid, spread = [], [], []
     for line in metrics.read_text().splitlines():
         record = json.loads(line)
         tokens = record["sequences"] * seq_len
@@ -31,7 +33,9 @@ def read_run(run_dir: Path) -> dict:
             train.append((tokens, record["loss"]))
         if "val_token_ce" in record:
             valid.append((tokens, record["val_token_ce"]))
-    return {"label": run_dir.name, "train": train, "valid": valid}
+        if "val_latent_spread" in record:
+            spread.append((tokens, record["val_latent_spread"]))
+    return {"label": run_dir.name, "train": train, "valid": valid, "spread": spread}
 
 
 def smooth(values: list[float], weight: float = 0.8) -> list[float]:
@@ -50,7 +54,9 @@ def plot_runs(runs: list[dict], out: Path, title: str = "", baseline: float | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    with_spread = any(run.get("spread") for run in runs)
+    fig, axes = plt.subplots(1, 3 if with_spread else 2, figsize=(18 if with_spread else 12, 4.5))
+    left, right = axes[0], axes[1]
     for run in runs:
         if run["train"]:
             x, y = zip(*run["train"])
@@ -65,6 +71,15 @@ def plot_runs(runs: list[dict], out: Path, title: str = "", baseline: float | No
         if baseline is not None:
             ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram")
     right.legend(fontsize=8)
+    if with_spread:
+        for run in runs:
+            if run.get("spread"):
+                x, y = zip(*run["spread"])
+                axes[2].semilogy(x, [max(v, 1e-12) for v in y], marker="o", markersize=3,
+                                 label=run["label"])
+        axes[2].set_xlabel("tokens seen")
+        axes[2].set_ylabel("latent spread (share of z_H variance across positions)")
+        axes[2].grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

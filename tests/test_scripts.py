@@ -100,6 +100,8 @@ def test_plot_metrics_cli(comparison, capsys):
     runs = comparison / "runs"
     run = plot_metrics.read_run(runs / "trm_tinystories_1m")
     assert [x for x, _ in run["valid"]] == [0, 64, 128, 192]  # tokens seen at each evaluation
+    assert [x for x, _ in run["spread"]] == [0, 64, 128, 192]  # drawn in a third panel
+    assert all(0 <= v <= 1 for _, v in run["spread"])
     png = comparison / "curves.png"
     plot_metrics.main([str(runs / "trm_tinystories_1m_flat"), str(runs / "trm_tinystories_1m"),
                        "--out", str(png)])
