@@ -32,8 +32,9 @@ def predicted_bytes(tokenizer: Any, labels: np.ndarray) -> int:
 # Below this latent spread every position reads out nearly the same z_H (healthy models: > 0.1).
 COLLAPSED_SPREAD = 1e-3
 COLLAPSE_NOTE = ("note: the latents have collapsed: every position reads out nearly the same "
-                 "z_H, so the model predicts one distribution everywhere (the unigram plateau); "
-                 "see benchmarks/results/README.md")
+                 "z_H, so the model predicts one distribution everywhere (the unigram plateau). "
+                 "TRMs without ACT often pass through this early and recover; ACT runs on small "
+                 "budgets stayed there (benchmarks/results/README.md)")
 
 
 def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "validation",
