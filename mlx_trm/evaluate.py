@@ -13,7 +13,6 @@ import math
 import sys
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
 from .blas import warn_if_slow_blas
@@ -45,7 +44,7 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
 
     from .data import iterate_batches, load_tokens, num_batches
     from .sources import resolve_source
-    from .train import make_eval_fn
+    from .train import evaluate_batches, make_eval_fn
 
     seq_len = seq_len or model.args.seq_len
     try:
@@ -53,30 +52,28 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
     except ConfigError:
         source = resolve_source(data, "train")  # a single file given as is: evaluate it
     dataset = load_tokens(source, tokenizer, text_field=text_field, max_stories=max_stories)
-    eval_fn = make_eval_fn(model)
-    total = num_batches(dataset, batch_size, seq_len)
-    ce_sum = tokens = correct = n_bytes = spread = rows = 0.0
+    n_bytes = 0
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("evaluate", total=total)
-        # a fixed order (epoch 1 of seed 42) so repeated runs see the same batches
-        for inputs, labels in iterate_batches(dataset, batch_size, seq_len):
-            _, ce, n, c, s = eval_fn(mx.array(inputs), mx.array(labels))
-            spread += float(s) * len(inputs)
-            rows += len(inputs)
-            ce_sum += float(ce)
-            tokens += float(n)
-            correct += float(c)
-            n_bytes += predicted_bytes(tokenizer, labels)
-            bar.advance(task)
-    token_ce = ce_sum / max(tokens, 1.0)
+        task = bar.add_task("evaluate", total=num_batches(dataset, batch_size, seq_len))
+
+        def batches():  # counts the predicted bytes and advances the bar on the way
+            nonlocal n_bytes
+            # a fixed order (epoch 1 of seed 42) so repeated runs see the same batches
+            for inputs, labels in iterate_batches(dataset, batch_size, seq_len):
+                n_bytes += predicted_bytes(tokenizer, labels)
+                yield inputs, labels
+                bar.advance(task)
+
+        result = evaluate_batches(make_eval_fn(model), batches())
+    ce_sum = result["token_ce"] * result["tokens"]
     return {
         "stories": dataset.n_stories,
-        "tokens": int(tokens),
-        "token_ce": token_ce,
-        "perplexity": math.exp(min(token_ce, 50.0)),
-        "bits_per_byte": ce_sum / math.log(2) / max(n_bytes, 1.0),
-        "accuracy": correct / max(tokens, 1.0),
-        "latent_spread": spread / max(rows, 1.0),
+        "tokens": result["tokens"],
+        "token_ce": result["token_ce"],
+        "perplexity": result["perplexity"],
+        "bits_per_byte": ce_sum / math.log(2) / max(n_bytes, 1),
+        "accuracy": result["accuracy"],
+        "latent_spread": result["latent_spread"],
     }
 
 
