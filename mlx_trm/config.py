@@ -133,6 +133,10 @@ class TrainConfig:
     lr: float = 1e-2
     lr_min_ratio: float = 0.01
     lr_warmup_percent: float = 0.02
+    # Share of the steps that run one ACT step per batch before deep supervision starts; 0 is
+    # the reference. At small budgets the carry locks ACT models onto the unigram fixed point
+    # (benchmarks/results/README.md, "Why the ACT variants stall"); a 1-step start avoids it.
+    act_warmup_percent: float = 0.0
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -162,6 +166,7 @@ class TrainConfig:
         need(self.lr > 0, "lr must be > 0")
         need(0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio must be in [0, 1]")
         need(0.0 <= self.lr_warmup_percent < 1.0, "lr_warmup_percent must be in [0, 1)")
+        need(0.0 <= self.act_warmup_percent < 1.0, "act_warmup_percent must be in [0, 1)")
         need(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "betas must be in [0, 1)")
         need(self.grad_clip_norm > 0, "grad_clip_norm must be > 0")
         need(self.eval_batches >= 1, "eval_batches must be >= 1")

@@ -3,6 +3,8 @@
 The step is the reference's (seed-reference.md §8, §9): one ACT step per optimizer step with a
 persistent carry, loss = (Σ per-row mean CE + 0.5 q-halt BCE + MoE entropy reg) / global batch,
 clip to 1.0, expert-bias update, AdamW, selector renorm, warmup + cosine on the 1-based step.
+``train.act_warmup_percent`` (not in the reference, 0 by default) runs the first steps of an
+ACT model with one ACT step per batch before the carry takes over.
 
 Run directory (``out_dir``): ``metrics.jsonl`` (one JSON object per log line and evaluation),
 ``config.yaml`` (the resolved config) and ``model/`` (the latest checkpoint, a model directory
@@ -67,12 +69,14 @@ def make_optimizer(tc: TrainConfig) -> optim.AdamW:
 
 
 def make_step_functions(model: Model, optimizer: optim.Optimizer, tc: TrainConfig,
-                        world: Any = None, compile: bool = True):
+                        world: Any = None, compile: bool = True,
+                        halt_max_steps: int | None = None):
     """Two functions: ``grad_step`` (forward + backward of one micro-batch) and ``apply_update``.
 
     Splitting them lets a global batch be accumulated over micro-batches; with one micro-batch
     per step the split costs one extra graph launch. Both are compiled with the model and the
     optimizer state captured; ACT exploration draws from the ``key`` argument.
+    ``halt_max_steps`` overrides the model's (1 for the ACT warm-up).
     """
     moe = model.args.use_moeut
     scale = 1.0 / tc.global_batch_size
@@ -81,7 +85,7 @@ def make_step_functions(model: Model, optimizer: optim.Optimizer, tc: TrainConfi
     def loss_fn(carry, inputs, labels, key, step_rows):
         record = [] if moe else None
         carry, outputs = act_step(model, carry, inputs, labels, training=True, record=record,
-                                  key=key)
+                                  key=key, halt_max_steps=halt_max_steps)
         total, metrics = act_loss(outputs, carry["labels"])
         counts = {}
         if moe:
@@ -324,6 +328,11 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
     log = MetricsLog(out_dir / "metrics.jsonl" if leader else None,
                      _init_wandb(config) if leader else None)
     step_fns = make_step_functions(model, optimizer, tc, world, compile=tc.compile)
+    # ACT warm-up: the first steps run one ACT step per batch, like a model without ACT, so
+    # the latents learn to carry the input before the carry can pin them to one vector.
+    act_warmup = int(tc.act_warmup_percent * n_steps) if mc.halt_max_steps > 1 else 0
+    warmup_fns = make_step_functions(model, optimizer, tc, world, compile=tc.compile,
+                                     halt_max_steps=1) if act_warmup else None
     eval_fn = make_eval_fn(model, compile=tc.compile)
     seq_len = mc.seq_len
     eval_set = None
@@ -380,7 +389,11 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
                 optimizer.learning_rate = learning_rate(step, tc, n_steps)
                 t0 = time.perf_counter()
                 key = mx.random.key((tc.seed * 1_000_003 + step) * 1009 + rank)
-                carry, metrics, grad_norm = train_step(step_fns, carry, inputs, labels,
+                fns = warmup_fns if step <= act_warmup else step_fns
+                if step == act_warmup + 1 and act_warmup:
+                    progress.note(f"step {step}: ACT warm-up done, training with "
+                                  f"halt_max_steps={mc.halt_max_steps} from here")
+                carry, metrics, grad_norm = train_step(fns, carry, inputs, labels,
                                                        tc.grad_accum_steps, key, size)
                 if size > 1:  # log the global batch's numbers, not this rank's slice
                     metrics = tree_map(mx.distributed.all_sum, metrics)

@@ -59,6 +59,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         f"out_dir={run_dir}", "train.resume=true",
     ]
     config = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
+    if config.model.halt_max_steps > 1:  # the warm-up only changes how ACT variants train
+        config.train.act_warmup_percent = args.act_warmup
+        config.validate()
+    check_same_training(run_dir, config)
     train(config)  # a finished run is only reloaded
     # A finished run measured with these settings before (a comparison of many hours resumed
     # in a later session) keeps its row: the sweep is the slow part of a variant's evaluation.
@@ -72,6 +76,27 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     row = measure_variant(name, run_dir, args)
     saved.write_text(json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
     return row
+
+
+# Settings that do not change the trained weights: they may differ when a run is resumed.
+NOT_TRAINING = {"resume", "eval_interval_sequences", "eval_batches", "log_interval",
+                "checkpoint_interval_sequences", "compile", "wandb", "wandb_project"}
+
+
+def check_same_training(run_dir: Path, config) -> None:
+    """Refuse to resume (or reuse) a run that was trained with other settings."""
+    from mlx_trm.config import load_config
+
+    if not (run_dir / "config.yaml").is_file():
+        return
+    saved = load_config(run_dir / "config.yaml").to_dict()  # older runs: new fields' defaults
+    wanted = config.to_dict()
+    differ = [f"{section}.{key}: {saved[section].get(key)} vs {value}"
+              for section in ("model", "train") for key, value in wanted[section].items()
+              if key not in NOT_TRAINING and saved[section].get(key) != value]
+    if differ:
+        sys.exit(f"error: {run_dir} was trained with other settings ({'; '.join(differ)}); "
+                 "pass another --runs directory or remove that run")
 
 
 def measure_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict:
@@ -176,9 +201,13 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
     lines = [f"Command: `{command}`", "",
              f"Machine: {meta['machine']}, MLX {meta['mlx_version']} ({meta['device']}, BLAS: "
              f"{meta.get('blas', '?')}). "
-             f"Unigram baseline (same tokenizer): {baseline:.3f} nats.", "",
-             "| variant | params | val CE (nats) | ppl | vs unigram | latent spread | train tok/s "
-             "| gen tok/s (cached) | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+             f"Unigram baseline (same tokenizer): {baseline:.3f} nats.", ""]
+    if meta.get("act_warmup"):
+        lines += [f"The ACT variants train their first {meta['act_warmup']:.0%} of steps with "
+                  "one ACT step per batch (`--act-warmup`, `train.act_warmup_percent`); the "
+                  "reference recipe (0) leaves them at the unigram plateau at this budget.", ""]
+    lines += ["| variant | params | val CE (nats) | ppl | vs unigram | latent spread | "
+              "train tok/s | gen tok/s (cached) | peak GB |", "|---" * 9 + "|"]
     for r in rows:
         spread = f"{r['val_latent_spread']:.2g}" if "val_latent_spread" in r else "–"
         lines.append(f"| {r['variant']} | {r['parameters']:,} | {r['val_token_ce']:.3f} | "
@@ -232,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=float, default=0.1)
+    parser.add_argument("--act-warmup", type=float, default=0.5,
+                        help="share of the steps ACT variants train with one ACT step per batch "
+                        "(train.act_warmup_percent; 0 = the reference recipe)")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     parser.add_argument("--eval-stories", type=int, default=None, help="default: all")
@@ -256,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [run_variant(name, args) for name in args.variants]
     command = "python scripts/compare_variants.py " + " ".join(argv or sys.argv[1:])
     meta = {**machine_meta(command, baseline), "eval_stories": args.eval_stories,
-            "sweep_stories": args.sweep_stories}
+            "sweep_stories": args.sweep_stories, "act_warmup": args.act_warmup}
     write_report(rows, meta, args.out)
     print((args.out / "results.md").read_text())
 

@@ -9,6 +9,7 @@ import sys
 
 import mlx.core as mx
 import pytest
+import yaml
 
 from mlx_trm.checkpoint import load
 from tests.conftest import ROOT, TINYSTORIES
@@ -54,6 +55,19 @@ def test_compare_variants_records_every_variant(comparison):
     assert sorted(s["L_cycles"] for s in act["test_time"] if "L_cycles" in s) == [3, 8, 12]
     # the sweep really changed the model: different recursion, different cross-entropy
     assert len({round(s["val_token_ce"], 6) for s in act["test_time"]}) > 1
+    # the ACT warm-up (default 0.5) is set for the ACT variant only
+    trained = {r["variant"]: yaml.safe_load((ROOT / r["run_dir"] / "config.yaml").read_text())
+               for r in rows}  # ROOT / an absolute path is that path
+    assert trained["trm_tinystories_1m"]["train"]["act_warmup_percent"] == 0.5
+    assert trained["trm_tinystories_1m_flat"]["train"]["act_warmup_percent"] == 0.0
+
+
+def test_a_run_trained_with_other_settings_is_not_resumed(comparison):
+    argv = ["--data", str(TINYSTORIES), "--variants", "trm_tinystories_1m", "--steps", "3",
+            "--batch-size", "2", "--seq-len", "32", "--runs", str(comparison / "runs"),
+            "--out", str(comparison / "other"), "--act-warmup", "0"]
+    with pytest.raises(SystemExit, match="act_warmup_percent: 0.5 vs 0.0"):
+        compare_variants.main(argv)
 
 
 def test_a_finished_variant_is_not_retrained_and_keeps_its_row(comparison, capsys):
@@ -86,6 +100,7 @@ def test_compare_report_tables_and_plots(comparison):
     assert "| trm_tinystories_1m_flat | 1,033,346 |" in report and "latent spread" in report
     assert "| trm_tinystories_1m | 1,066,114 |" in report
     assert "halt_max_steps=16" in report and "(trained L=6)" in report
+    assert "first 50% of steps with one ACT step per batch" in report
     if HAS_MATPLOTLIB:
         for png in ("loss_curves.png", "test_time_recursion.png"):
             assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

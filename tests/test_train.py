@@ -132,6 +132,43 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert (metrics.read_bytes(), weights.stat().st_mtime_ns) == before
 
 
+def test_act_warmup_runs_one_act_step_per_batch_then_the_carry(tmp_path):
+    """train.act_warmup_percent=0.5 of 6 steps: steps 1-3 adopt a new batch every step."""
+    from mlx_trm.models import initial_carry
+    from mlx_trm.train import make_step_functions as make
+
+    def carry_after(name, steps, *extra):
+        config = small_run_config(tmp_path, name, *extra)
+        train(config, quiet=True, max_steps=steps)
+        return mx.load(str(tmp_path / name / "model/train_state/carry.safetensors"))
+
+    # halt_max_steps=2: without warm-up, step 3 continues the batch adopted at step 3's carry
+    assert carry_after("plain", 3)["halted"].tolist() == [False] * 4
+    warm = carry_after("warm", 3, "train.act_warmup_percent=0.5")
+    assert warm["halted"].tolist() == [True] * 4 and warm["steps"].tolist() == [1] * 4
+    after = carry_after("warm_after", 4, "train.act_warmup_percent=0.5")
+    assert after["halted"].tolist() == [False] * 4 and after["steps"].tolist() == [1] * 4
+    # resuming inside the warm-up gives the uninterrupted run's losses
+    train(small_run_config(tmp_path, "warm_full", "train.act_warmup_percent=0.5"), quiet=True)
+    resumed = small_run_config(tmp_path, "warm", "train.act_warmup_percent=0.5",
+                               "train.resume=true")
+    train(resumed, quiet=True)
+    a, b = losses(tmp_path / "warm_full"), losses(tmp_path / "warm")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+    # the warm-up step function is the ACT step with halt_max_steps=1: every row halts
+    from mlx_trm.checkpoint import load
+
+    model, _ = load(tmp_path / "warm_full")
+    tc = TrainConfig(global_batch_size=4)
+    fns = make(model, make_optimizer(tc), tc, compile=False, halt_max_steps=1)
+    inputs = mx.ones((4, 32), dtype=mx.int32)
+    carry, _, _ = train_step(fns, initial_carry(model, 4, 32), inputs, inputs, 1,
+                             mx.random.key(0))
+    assert carry["halted"].tolist() == [True] * 4
+
+
 def test_a_run_learns_and_logs_evaluations(tmp_path):
     config = small_run_config(tmp_path, "learn", "train.max_steps=12", "train.lr=0.02")
     model_dir = train(config, quiet=True)

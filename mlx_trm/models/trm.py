@@ -242,7 +242,8 @@ def initial_carry(model: Model, batch_size: int, seq_len: int) -> dict[str, mx.a
 
 
 def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels: mx.array, *,
-             training: bool, record: list | None = None, key: mx.array | None = None
+             training: bool, record: list | None = None, key: mx.array | None = None,
+             halt_max_steps: int | None = None
              ) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
     """One ACT step with the reference's carry semantics (seed-reference.md §7).
 
@@ -251,9 +252,11 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     ``halt_max_steps`` steps; in training (and only with halt_max_steps > 1) also when
     q_halt > 0, unless exploration drew a larger minimum number of steps for it.
     The caller starts a fresh carry when the batch size changes. ``key`` seeds the exploration
-    draw (the global random state when None).
+    draw (the global random state when None). ``halt_max_steps`` overrides the model's
+    (training's ACT warm-up runs one step per batch).
     """
     args = model.args
+    n_max = halt_max_steps or args.halt_max_steps
     halted = carry["halted"]
     row = halted[:, None]
     z_H = mx.where(row[..., None], model.H_init, carry["z_H"])
@@ -265,13 +268,13 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     z_H, z_L, logits, q_logits = model.inner(z_H, z_L, inputs, record=record)
 
     steps = steps + 1
-    halted = steps >= args.halt_max_steps
-    if training and args.halt_max_steps > 1:
+    halted = steps >= n_max
+    if training and n_max > 1:
         halted = halted | (q_logits[:, 0] > 0)
         B = steps.shape[0]
         k1, k2 = mx.random.split(key) if key is not None else (None, None)
         explore = mx.random.uniform(shape=(B,), key=k1) < args.halt_exploration_prob
-        min_halt_steps = explore * mx.random.randint(2, args.halt_max_steps + 1, (B,), key=k2)
+        min_halt_steps = explore * mx.random.randint(2, n_max + 1, (B,), key=k2)
         halted = halted & (steps >= min_halt_steps)
 
     new_carry = {
