@@ -33,7 +33,8 @@ COLLAPSED_SPREAD = 1e-3
 COLLAPSE_NOTE = ("note: the latents have collapsed: every position reads out nearly the same "
                  "z_H, so the model predicts one distribution everywhere (the unigram plateau). "
                  "TRMs without ACT often pass through this early and recover; ACT runs on small "
-                 "budgets stayed there (benchmarks/results/README.md)")
+                 "budgets stay there unless they start with train.act_warmup_percent=0.5 "
+                 "(benchmarks/results/README.md)")
 
 
 def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "validation",

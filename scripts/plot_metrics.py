@@ -134,12 +134,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("loss_curves.png"))
     parser.add_argument("--title", default="")
     parser.add_argument("--baseline", type=float, default=None, help="draw a horizontal line")
+    parser.add_argument("--labels", nargs="+", help="one legend label per run (default: the "
+                        "run directory's name)")
     args = parser.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.runs):
+        raise SystemExit(f"error: {len(args.labels)} --labels for {len(args.runs)} runs; give "
+                         "one label per run")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise SystemExit("error: plotting needs matplotlib: pip install -e '.[plot]'") from None
-    out = plot_runs([read_run(r) for r in args.runs], args.out, args.title, args.baseline)
+    runs = [read_run(r) for r in args.runs]
+    for run, label in zip(runs, args.labels or []):
+        run["label"] = label
+    out = plot_runs(runs, args.out, args.title, args.baseline)
     print(f"wrote {out}")
 
 

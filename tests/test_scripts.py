@@ -123,6 +123,8 @@ def test_plot_metrics_cli(comparison, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         plot_metrics.main([str(comparison), "--out", str(png)])
+    with pytest.raises(SystemExit, match="one label per run"):
+        plot_metrics.main([str(runs / "trm_tinystories_1m"), "--labels", "a", "b"])
 
 
 def test_make_demo_model_ships_float16_weights_that_generate(comparison, tmp_path):
