@@ -135,7 +135,7 @@ class TrainConfig:
     lr_warmup_percent: float = 0.02
     # Share of the steps that run one ACT step per batch before deep supervision starts; 0 is
     # the reference. At small budgets the carry locks ACT models onto the unigram fixed point
-    # (benchmarks/results/README.md, "Why the ACT variants stall"); a 1-step start avoids it.
+    # (benchmarks/results/README.md, "The ACT warm-up"); a 1-step start avoids it.
     act_warmup_percent: float = 0.0
     weight_decay: float = 0.0
     beta1: float = 0.9
