@@ -58,15 +58,14 @@ def plot_runs(runs: list[dict], out: Path, title: str = "", baseline: float | No
     fig, axes = plt.subplots(1, 3 if with_spread else 2, figsize=(18 if with_spread else 12, 4.5))
     left, right = axes[0], axes[1]
     # A run keeps its colour in every panel, also where runs without a spread are left out.
-    colors = {id(run): f"C{i % 10}" for i, run in enumerate(runs)}
-    for run in runs:
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for run, color in zip(runs, colors):
         if run["train"]:
             x, y = zip(*run["train"])
-            left.plot(x, smooth(list(y)), label=run["label"], color=colors[id(run)])
+            left.plot(x, smooth(list(y)), label=run["label"], color=color)
         if run["valid"]:
             x, y = zip(*run["valid"])
-            right.plot(x, y, marker="o", markersize=3, label=run["label"],
-                       color=colors[id(run)])
+            right.plot(x, y, marker="o", markersize=3, label=run["label"], color=color)
     for ax, name in ((left, "training loss (smoothed)"), (right, "validation token CE (nats)")):
         ax.set_xlabel("tokens seen")
         ax.set_ylabel(name)
@@ -75,11 +74,11 @@ def plot_runs(runs: list[dict], out: Path, title: str = "", baseline: float | No
             ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram")
     right.legend(fontsize=8)
     if with_spread:
-        for run in runs:
+        for run, color in zip(runs, colors):
             if run.get("spread"):
                 x, y = zip(*run["spread"])
                 axes[2].semilogy(x, [max(v, 1e-12) for v in y], marker="o", markersize=3,
-                                 label=run["label"], color=colors[id(run)])
+                                 label=run["label"], color=color)
         axes[2].set_xlabel("tokens seen")
         axes[2].set_ylabel("latent spread (share of z_H variance across positions)")
         axes[2].grid(alpha=0.3)

@@ -142,7 +142,7 @@ def test_act_warmup_runs_one_act_step_per_batch_then_the_carry(tmp_path):
         train(config, quiet=True, max_steps=steps)
         return mx.load(str(tmp_path / name / "model/train_state/carry.safetensors"))
 
-    # halt_max_steps=2: without warm-up, step 3 continues the batch adopted at step 3's carry
+    # halt_max_steps=2: without warm-up, the batch adopted at step 3 still has a step to go
     assert carry_after("plain", 3)["halted"].tolist() == [False] * 4
     warm = carry_after("warm", 3, "train.act_warmup_percent=0.5")
     assert warm["halted"].tolist() == [True] * 4 and warm["steps"].tolist() == [1] * 4
