@@ -268,6 +268,27 @@ def _init_wandb(config: Config) -> Any:
                       name=Path(config.out_dir).name)
 
 
+# Settings that do not change the trained weights: a resumed run may change them.
+NOT_TRAINING = {"resume", "eval_interval_sequences", "eval_batches", "log_interval",
+                "checkpoint_interval_sequences", "compile", "wandb", "wandb_project"}
+
+
+def check_same_training(out_dir: Path, config: Config) -> None:
+    """Refuse to continue a run with other model or training settings: the result would be
+    neither run (a changed lr or ``max_steps`` silently bends the schedule mid-run)."""
+    if not (out_dir / "config.yaml").is_file():
+        return
+    saved = load_config(out_dir / "config.yaml").to_dict()  # older runs: new fields' defaults
+    wanted = config.to_dict()
+    differ = [f"{section}.{key}: {saved[section].get(key)} vs {value}"
+              for section in ("model", "train") for key, value in wanted[section].items()
+              if key not in NOT_TRAINING and saved[section].get(key) != value]
+    if differ:
+        raise ConfigError(f"{out_dir} was trained with other settings ({'; '.join(differ)}); "
+                          "resume it with its own settings (its config.yaml) or choose "
+                          "another out_dir")
+
+
 def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) -> Path:
     """Run (or resume) training as ``config`` says; returns the checkpoint directory.
 
@@ -292,6 +313,8 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
     if not tc.resume and (model_dir / TRAIN_STATE).exists():
         raise ConfigError(f"{out_dir} already holds a run; continue it with train.resume=true or "
                           "choose another out_dir")
+    if tc.resume and (model_dir / TRAIN_STATE).exists():
+        check_same_training(out_dir, config)
     leader = rank == 0
     say = (lambda *a: print(*a, file=sys.stderr)) if leader and not quiet else (lambda *a: None)
     if leader:

@@ -132,6 +132,20 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert (metrics.read_bytes(), weights.stat().st_mtime_ns) == before
 
 
+def test_resume_refuses_other_training_settings(tmp_path):
+    train(small_run_config(tmp_path, "run"), quiet=True, max_steps=2)
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 vs 0\.005.*own settings"):
+        train(small_run_config(tmp_path, "run", "train.resume=true", "train.lr=0.005"),
+              quiet=True)
+    with pytest.raises(ConfigError, match=r"model\.L_cycles"):
+        train(small_run_config(tmp_path, "run", "train.resume=true", "model.L_cycles=3"),
+              quiet=True)
+    # evaluation, logging and checkpoint intervals do not change the weights: free to change
+    train(small_run_config(tmp_path, "run", "train.resume=true", "train.eval_batches=2",
+                           "train.log_interval=3"), quiet=True, max_steps=3)
+    assert json.loads((tmp_path / "run/model/train_state/state.json").read_text())["step"] == 3
+
+
 def test_act_warmup_runs_one_act_step_per_batch_then_the_carry(tmp_path):
     """train.act_warmup_percent=0.5 of 6 steps: steps 1-3 adopt a new batch every step."""
     from mlx_trm.models import initial_carry
