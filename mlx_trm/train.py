@@ -394,6 +394,7 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
         interrupted = True
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    mx.reset_peak_memory()  # the logged peak is this run's, not the process's so far
     progress = TrainProgress(stop_at, state["step"], enabled=leader and not quiet)
     tokens_per_step = tc.global_batch_size * seq_len
     window_start, window_steps = time.perf_counter(), 0

@@ -146,6 +146,16 @@ def test_resume_refuses_other_training_settings(tmp_path):
     assert json.loads((tmp_path / "run/model/train_state/state.json").read_text())["step"] == 3
 
 
+def test_logged_peak_memory_is_the_runs_own(tmp_path):
+    """Work done earlier in the process (a comparison's previous variant) does not count."""
+    big = mx.zeros((50_000_000,))  # 200 MB
+    mx.eval(big)
+    del big
+    train(small_run_config(tmp_path, "peak"), quiet=True, max_steps=2)
+    peaks = [r["peak_memory_gb"] for r in read_metrics(tmp_path / "peak") if "loss" in r]
+    assert peaks and 0 < max(peaks) < 0.1
+
+
 def test_act_warmup_runs_one_act_step_per_batch_then_the_carry(tmp_path):
     """train.act_warmup_percent=0.5 of 6 steps: steps 1-3 adopt a new batch every step."""
     from mlx_trm.models import initial_carry
