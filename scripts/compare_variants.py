@@ -186,7 +186,8 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
     if meta.get("act_warmup"):
         lines += [f"The ACT variants train their first {meta['act_warmup']:.0%} of steps with "
                   "one ACT step per batch (`--act-warmup`, `train.act_warmup_percent`); the "
-                  "reference recipe (0) leaves them at the unigram plateau at this budget.", ""]
+                  "reference recipe (0) left them at the unigram plateau in every short run "
+                  "tried (benchmarks/results/README.md).", ""]
     lines += ["| variant | params | val CE (nats) | ppl | vs unigram | latent spread | "
               "train tok/s | gen tok/s (cached) | peak GB |", "|---" * 9 + "|"]
     for r in rows:

@@ -1,7 +1,7 @@
 """Package a trained run as the demo model that ``mlx_trm.generate`` and ``mlx_trm.chat`` use
 when no ``--model`` is given.
 
-    python scripts/make_demo_model.py runs/compare/trm_tinystories_1m_flat
+    python scripts/make_demo_model.py runs/compare600/trm_tinystories_1m_flat
 
 Writes ``mlx_trm/assets/model``: the run's model directory (config, tokenizer, mlx-lm files)
 with float16 weights (a 1M-parameter model is ~2 MB, small enough to ship in the wheel) and
