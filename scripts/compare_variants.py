@@ -46,7 +46,7 @@ def unigram_cross_entropy(data: str, tokenizer) -> float:
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     """Train (or resume) one variant with the shared budget, then measure it."""
     from mlx_trm.config import ConfigError, load_config
-    from mlx_trm.train import train
+    from mlx_trm.train import check_same_training, train
 
     run_dir = args.runs / name
     overrides = [
@@ -62,10 +62,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     if config.model.halt_max_steps > 1:  # the warm-up only changes how ACT variants train
         config.train.act_warmup_percent = args.act_warmup
         config.validate()
-    try:
-        train(config)  # a finished run is only reloaded; one trained otherwise is refused
+    try:  # train() refuses it too; here the fix is another --runs
+        check_same_training(run_dir, config)
     except ConfigError as e:
         sys.exit(f"error: {e} (here: pass another --runs directory or remove that run)")
+    train(config)  # a finished run is only reloaded
     # A finished run measured with these settings before (a comparison of many hours resumed
     # in a later session) keeps its row: the sweep is the slow part of a variant's evaluation.
     settings = {"data": relative_path(args.data), "step": train_state(run_dir)["step"],
