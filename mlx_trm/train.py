@@ -310,10 +310,10 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
                           f"by train.grad_accum_steps {tc.grad_accum_steps}")
     out_dir = Path(config.out_dir)
     model_dir = out_dir / MODEL_SUBDIR
-    if not tc.resume and (model_dir / TRAIN_STATE).exists():
-        raise ConfigError(f"{out_dir} already holds a run; continue it with train.resume=true or "
-                          "choose another out_dir")
-    if tc.resume and (model_dir / TRAIN_STATE).exists():
+    if (model_dir / TRAIN_STATE).exists():
+        if not tc.resume:
+            raise ConfigError(f"{out_dir} already holds a run; continue it with train.resume=true "
+                              "or choose another out_dir")
         check_same_training(out_dir, config)
     leader = rank == 0
     say = (lambda *a: print(*a, file=sys.stderr)) if leader and not quiet else (lambda *a: None)
