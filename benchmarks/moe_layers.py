@@ -3,9 +3,10 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         python benchmarks/moe_layers.py [--tokens 4096] [--repeats 10] [--json OUT]
 
-Shapes are the reference configs' (seed-reference.md §1): sigma-MoE 1M (E=8) and 10M (E=192),
-both 192-wide experts with k=2, and SwitchHead 1M (E=2) and 10M (E=32 per head), one head, k=1,
-all at D=64. One timed run = loss, gradients w.r.t. every trainable parameter and the input.
+Shapes are those of configs/trm_tinystories_{1m,10m}_moeut.yaml: sigma-MoE 1M (E=8) and 10M
+(E=192), both 192-wide experts with k=2, and SwitchHead 1M (E=2) and 10M (E=32 per head), one
+head, k=1, all at D=64. One timed run = loss, gradients w.r.t. every trainable parameter and the
+input. The dense baseline is the test oracle of tests/moe_reference.py (run from the repository).
 """
 
 from __future__ import annotations
@@ -25,12 +26,8 @@ import mlx.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_trm.models.layers import rms_norm  # noqa: E402
-from mlx_trm.models.moe import (  # noqa: E402
-    SigmaMoE,
-    SwitchHead,
-    sigma_moe_dense,
-    switch_head_dense,
-)
+from mlx_trm.models.moe import SigmaMoE, SwitchHead  # noqa: E402
+from tests.moe_reference import sigma_moe_dense, switch_head_dense  # noqa: E402
 
 # (name, layer kind, constructor kwargs)
 SHAPES = [

@@ -121,7 +121,12 @@ def read_model_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 
 def load_weights_strict(model: nn.Module, weights: dict[str, mx.array], source: str) -> None:
-    """Load weights, naming every missing, unexpected or mis-shaped key."""
+    """Load weights, naming every missing, unexpected or mis-shaped key.
+
+    Older names are first renamed by the model's ``sanitize`` (as mlx-lm's loader does).
+    """
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
     expected = model_weights(model)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

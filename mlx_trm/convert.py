@@ -4,9 +4,11 @@
     mlx_trm.convert --mlx-to-torch MODEL_DIR OUT.pt
 
 A reference checkpoint is ``{"model_state_dict", "config", "step", "sequences_consumed"}`` with
-keys under ``model.inner.`` (seed-reference.md §9, §13). Our parameter names are the reference's
-without that prefix; the tied ``lm_head.weight`` duplicate exists only on the torch side, and old
-flat checkpoints named their layers ``L_level.layers.*`` instead of ``flat_layers.*``.
+keys under ``model.inner.``. Our parameter names are the reference's without that prefix, except
+in the MoE layers (experts as ``SwitchLinear`` modules stored [E, out, in], buffers owned by the
+routers: ``models.moe.REFERENCE_NAMES`` maps them, the model's ``sanitize`` reads either); the
+tied ``lm_head.weight`` duplicate exists only on the torch side, and old flat checkpoints named
+their layers ``L_level.layers.*`` instead of ``flat_layers.*``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from .checkpoint import load, load_weights_strict, save
 from .config import ConfigError, ModelConfig, cli_errors, model_config_from_dict
+from .models.moe import to_reference_names
 
 PREFIX = "model.inner."
 REFERENCE_ARCH = "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"
@@ -132,7 +135,7 @@ def mlx_to_torch_state(model_dir: str | Path) -> tuple[dict[str, Any], dict[str,
     model_dir = Path(model_dir)
     _, raw_config = read_model_config(model_dir)
     model, _ = load(model_dir)
-    weights = {k: np.array(v) for k, v in model_weights(model).items()}
+    weights = {k: np.array(v) for k, v in to_reference_names(model_weights(model)).items()}
     weights["lm_head.weight"] = weights["embed_tokens.embedding_weight"]
     names = {f"{PREFIX}{k}": v for k, v in weights.items()}
     reference = raw_config.get("reference") or {}

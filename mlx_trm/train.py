@@ -36,7 +36,7 @@ from .checkpoint import load_weights_strict, save, write_json_atomic
 from .config import Config, ConfigError, TrainConfig, cli_errors, load_config
 from .evaluate import COLLAPSE_NOTE, COLLAPSED_SPREAD
 from .models import Model, act_loss, act_step, build_model, initial_carry
-from .models.moe import expert_counts, moe_entropy_reg, renorm_selectors, update_expert_bias
+from .models.router import RoutingLog, routers
 
 MODEL_SUBDIR = "model"
 TRAIN_STATE = "train_state"
@@ -79,22 +79,23 @@ def make_step_functions(model: Model, optimizer: optim.Optimizer, tc: TrainConfi
     ``halt_max_steps`` overrides the model's (1 for the ACT warm-up).
     """
     moe = model.args.use_moeut
+    moe_routers = routers(model)
     scale = 1.0 / tc.global_batch_size
     distributed = world is not None and world.size() > 1
 
     def loss_fn(carry, inputs, labels, key, step_rows):
-        record = [] if moe else None
+        record = RoutingLog() if moe else None
         carry, outputs = act_step(model, carry, inputs, labels, training=True, record=record,
                                   key=key, halt_max_steps=halt_max_steps)
         total, metrics = act_loss(outputs, carry["labels"])
-        counts = {}
+        counts = []
         if moe:
             # The regulariser is a mean over the step's rows: a micro-batch (or a rank) adds
             # its share, so the step's sum is the reference's full-batch value.
-            reg = moe_entropy_reg(record) * (inputs.shape[0] / step_rows)
+            reg = record.entropy_reg() * (inputs.shape[0] / step_rows)
             total = total + reg
             metrics["moe_reg"] = reg
-            counts = expert_counts(record, model)
+            counts = record.counts(moe_routers)
         metrics["total"] = total
         return total * scale, (carry, metrics, counts)
 
@@ -110,11 +111,11 @@ def make_step_functions(model: Model, optimizer: optim.Optimizer, tc: TrainConfi
             grads = tree_map(lambda g: mx.distributed.all_sum(g), grads)
             counts = tree_map(lambda c: mx.distributed.all_sum(c), counts)
         grads, grad_norm = optim.clip_grad_norm(grads, tc.grad_clip_norm)
-        if moe:
-            update_expert_bias(model, counts)
+        for router, count in zip(moe_routers, counts, strict=True):
+            router.update_bias(count)
         optimizer.update(model, grads)
-        if moe:
-            renorm_selectors(model)
+        for router in moe_routers:
+            router.renorm()
         return grad_norm
 
     if not compile:

@@ -61,23 +61,20 @@ def routing_flips(model, e) -> tuple[int, int]:
     h = z_L + (z_H + model.embed_scale * model.embed_tokens(inputs))
     layer = model.L_level.layers[0]
     a = rms_norm(h)
-    record = []
-    layer.self_attn(a, h, record=record)
-    (_, _, lv, idx_v), (_, _, lo, idx_o) = record
+    (lv, idx_v, _), (lo, idx_o, _) = layer.self_attn.route(a)
     h2 = rms_norm(h + layer.self_attn(a, h))
-    layer.mlp(h2, rms_norm(h2), record=record)
-    idx_ff = record[-1][3]
+    ff_logits, idx_ff, _ = layer.mlp.route(rms_norm(h2))
     flips = 0
     for ours, theirs in ((idx_ff, e["moe_ff_topk_l0"]), (idx_v, e["moe_att_v_topk_l0"]),
                          (idx_o, e["moe_att_o_topk_l0"])):
         ours = np.sort(np.array(ours), axis=-1)
         flips += int((ours != np.sort(theirs, axis=-1)).any(-1).sum())
-    np.testing.assert_allclose(np.array(record[-1][2]), e["moe_ff_logits_l0"], atol=1e-5)
+    np.testing.assert_allclose(np.array(ff_logits), e["moe_ff_logits_l0"], atol=1e-5)
     np.testing.assert_allclose(np.array(lv), e["moe_att_v_logits_l0"], atol=1e-5)
-    scores = np.sort(e["moe_ff_logits_l0"] + np.array(layer.mlp.expert_bias), axis=-1)
+    scores = np.sort(e["moe_ff_logits_l0"] + np.array(layer.mlp.router.bias), axis=-1)
     near_ties = int((scores[..., -2] - scores[..., -3] < 1e-5).sum())  # 2nd vs 3rd (k = 2)
-    for logits, bias in ((e["moe_att_v_logits_l0"], layer.self_attn.expert_v_bias),
-                         (e["moe_att_o_logits_l0"], layer.self_attn.expert_o_bias)):
+    for logits, bias in ((e["moe_att_v_logits_l0"], layer.self_attn.v_router.bias),
+                         (e["moe_att_o_logits_l0"], layer.self_attn.o_router.bias)):
         scores = np.sort(logits[..., 0, :] + np.array(bias), axis=-1)
         near_ties += int((scores[..., -1] - scores[..., -2] < 1e-5).sum())  # k = 1, E = 2
     return flips, near_ties

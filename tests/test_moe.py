@@ -1,5 +1,6 @@
 """sigma-MoE and SwitchHead: gather path vs dense oracle (values and gradients), parameter counts,
-init, causality, KV cache, bias balancing, selector renorm, entropy reg, counts, mx.compile."""
+init, reference names, causality, KV cache, bias balancing, selector renorm, entropy reg, counts,
+mx.compile."""
 
 from __future__ import annotations
 
@@ -13,20 +14,10 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_trm.models.layers import rms_norm
-from mlx_trm.models.moe import (
-    SigmaMoE,
-    SwitchHead,
-    accumulate_expert_counts,
-    detach_record,
-    expert_counts,
-    moe_entropy_reg,
-    moe_modules,
-    renorm_selectors,
-    sigma_moe_dense,
-    switch_head_dense,
-    update_expert_bias,
-)
+from mlx_trm.models.moe import SigmaMoE, SwitchHead, from_reference_names, to_reference_names
+from mlx_trm.models.router import RoutingLog, routers
 from tests.conftest import FIXTURES
+from tests.moe_reference import sigma_moe_dense, switch_head_dense
 
 ATOL = 1e-5
 
@@ -86,7 +77,7 @@ def test_sigma_moe_matches_dense(E, k, skewed):
     moe.route_scale = mx.array([1.3])
     if skewed:
         # Only the first k experts can win: the rest are pushed far down by the (selection) bias.
-        moe.expert_bias = mx.where(mx.arange(E) < k, 0.0, -50.0)
+        moe.router.bias = mx.where(mx.arange(E) < k, 0.0, -50.0)
     x = mx.random.normal((2, 24, D))
     sel = rms_norm(x + mx.random.normal(x.shape))
     used = np.unique(np.array(moe.route(sel)[1]))
@@ -108,8 +99,8 @@ def test_switch_head_matches_dense(E, k, H, skewed):
     sh.route_scale = mx.array([0.8])
     if skewed:
         favoured = mx.tile(mx.arange(E) < k, (H,))
-        sh.expert_v_bias = mx.where(favoured, 0.0, -50.0)
-        sh.expert_o_bias = mx.where(favoured, 0.0, -50.0)
+        sh.v_router.bias = mx.where(favoured, 0.0, -50.0)
+        sh.o_router.bias = mx.where(favoured, 0.0, -50.0)
     h = mx.random.normal((2, 12, D)) * 2
     a = rms_norm(h)
     if skewed:
@@ -129,25 +120,25 @@ def np_route(logits: np.ndarray, bias: np.ndarray, k: int, route_scale: float):
 def test_routing_matches_numpy():
     mx.random.seed(11)
     moe = SigmaMoE(16, 8, 4, 3, init_scale=1.0)
-    moe.expert_bias = mx.random.normal((8,))
+    moe.router.bias = mx.random.normal((8,))
     moe.route_scale = mx.array([1.7])
     sel = rms_norm(mx.random.normal((2, 5, 16)))
     logits, idx, w = moe.route(sel)
-    np.testing.assert_allclose(np.array(logits), np.array(sel) @ np.array(moe.expert_sel).T,
+    np.testing.assert_allclose(np.array(logits), np.array(sel) @ np.array(moe.router.weight).T,
                                rtol=1e-5, atol=1e-6)
-    ref_idx, ref_w = np_route(np.array(logits), np.array(moe.expert_bias), 3, 1.7)
+    ref_idx, ref_w = np_route(np.array(logits), np.array(moe.router.bias), 3, 1.7)
     order = np.argsort(np.array(idx), -1)
     np.testing.assert_array_equal(np.take_along_axis(np.array(idx), order, -1), ref_idx)
     np.testing.assert_allclose(np.sort(np.array(w), -1), np.sort(ref_w, -1), rtol=1e-5)
 
     sh = SwitchHead(16, 2, 4, 2, init_scale=1.0)
-    sh.expert_o_bias = mx.random.normal((8,))
+    sh.o_router.bias = mx.random.normal((8,))
     sh.route_scale = mx.array([0.6])
     a = rms_norm(mx.random.normal((2, 5, 16)))
     _, (lo, idx_o, w_o) = sh.route(a)
-    np.testing.assert_allclose(np.array(lo).reshape(2, 5, 8), np.array(a) @ np.array(sh.sel_o).T,
-                               rtol=1e-5, atol=1e-6)
-    ref_idx, ref_w = np_route(np.array(lo), np.array(sh.expert_o_bias).reshape(2, 4), 2, 0.6)
+    np.testing.assert_allclose(np.array(lo).reshape(2, 5, 8),
+                               np.array(a) @ np.array(sh.o_router.weight).T, rtol=1e-5, atol=1e-6)
+    ref_idx, ref_w = np_route(np.array(lo), np.array(sh.o_router.bias).reshape(2, 4), 2, 0.6)
     np.testing.assert_array_equal(np.sort(np.array(idx_o), -1), ref_idx)
     np.testing.assert_allclose(np.sort(np.array(w_o), -1), np.sort(ref_w, -1), rtol=1e-5)
 
@@ -173,9 +164,15 @@ def test_parameter_counts(build, expected):
     assert n_trainable(build()) == expected
 
 
+def reference_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in
+            to_reference_names(dict(tree_flatten(module.parameters()))).items()}
+
+
 def test_names_and_shapes_match_reference_state_dict():
-    sigma = dict(tree_flatten(SigmaMoE(64, 8, 192, 2, init_scale=0.378).parameters()))
-    switch = dict(tree_flatten(SwitchHead(64, 1, 2, 1, init_scale=0.378).parameters()))
+    sigma_module = SigmaMoE(64, 8, 192, 2, init_scale=0.378)
+    sigma, switch = reference_shapes(sigma_module), reference_shapes(
+        SwitchHead(64, 1, 2, 1, init_scale=0.378))
     expected_sigma = {"keys": (8, 64, 192), "values": (8, 192, 64), "expert_sel": (8, 64),
                       "route_scale": (1,), "expert_bias": (8,), "expert_token_count": (8,),
                       "expert_running_load": (8,), "selector_target_std": ()}
@@ -185,8 +182,18 @@ def test_names_and_shapes_match_reference_state_dict():
     for r in ("v", "o"):
         for name in ("bias", "token_count", "running_load"):
             expected_switch[f"expert_{r}_{name}"] = (2,)
-    assert {k: tuple(v.shape) for k, v in sigma.items()} == expected_sigma
-    assert {k: tuple(v.shape) for k, v in switch.items()} == expected_switch
+    assert sigma == expected_sigma
+    assert switch == expected_switch
+    # Ours: experts as SwitchLinear [E, out, in] (mlx-lm's layout), buffers on the router.
+    ours = {k: tuple(v.shape) for k, v in tree_flatten(sigma_module.parameters())}
+    assert ours["keys.weight"] == (8, 192, 64) and ours["router.bias"] == (8,)
+    # Reference names -> ours -> reference names is the identity, values included.
+    flat = dict(tree_flatten(sigma_module.parameters()))
+    back = from_reference_names(to_reference_names(flat))
+    assert set(back) == set(flat)
+    for k, v in flat.items():
+        np.testing.assert_array_equal(np.array(back[k]), np.array(v))
+    assert from_reference_names(flat).keys() == flat.keys()  # our names pass through
 
 
 def test_reference_fixture_keys_match():
@@ -197,10 +204,10 @@ def test_reference_fixture_keys_match():
     state = torch.load(path, weights_only=True)["model_state_dict"]
     prefix = "model.inner.L_level.layers.0."
     ref = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
-    ours = {f"mlp.{k}": tuple(v.shape) for k, v in
-            tree_flatten(SigmaMoE(64, 8, 192, 2, init_scale=0.378).parameters())}
-    ours.update({f"self_attn.{k}": tuple(v.shape) for k, v in
-                 tree_flatten(SwitchHead(64, 1, 2, 1, init_scale=0.378).parameters())})
+    ours = {f"mlp.{k}": v for k, v in
+            reference_shapes(SigmaMoE(64, 8, 192, 2, init_scale=0.378)).items()}
+    ours.update({f"self_attn.{k}": v for k, v in
+                 reference_shapes(SwitchHead(64, 1, 2, 1, init_scale=0.378)).items()})
     assert ours == ref
     # The reference's stored target std is the (unbiased) std of its renormalised selector.
     sel = state[prefix + "mlp.expert_sel"].double()
@@ -211,18 +218,19 @@ def test_reference_fixture_keys_match():
 def test_buffers_are_frozen_and_saved(tmp_path):
     moe = SigmaMoE(16, 4, 8, 2, init_scale=0.5)
     trainable = dict(tree_flatten(moe.trainable_parameters()))
-    assert set(trainable) == {"keys", "values", "expert_sel", "route_scale"}
-    moe.expert_bias = mx.array([0.1, -0.2, 0.3, 0.0])
+    assert set(trainable) == {"keys.weight", "values.weight", "router.weight", "route_scale"}
+    moe.router.bias = mx.array([0.1, -0.2, 0.3, 0.0])
     moe.save_weights(str(tmp_path / "w.safetensors"))
     other = SigmaMoE(16, 4, 8, 2, init_scale=0.5)
     other.load_weights(str(tmp_path / "w.safetensors"))
-    assert np.allclose(np.array(other.expert_bias), [0.1, -0.2, 0.3, 0.0])
-    assert np.allclose(np.array(other["keys"]), np.array(moe["keys"]))
+    assert np.allclose(np.array(other.router.bias), [0.1, -0.2, 0.3, 0.0])
+    assert np.allclose(np.array(other["keys"].weight), np.array(moe["keys"].weight))
     sh = SwitchHead(16, 2, 4, 1, init_scale=0.5)
     assert set(dict(tree_flatten(sh.trainable_parameters()))) == {
-        "q.weight", "k.weight", "v", "o", "sel_v", "sel_o", "route_scale"}
+        "q.weight", "k.weight", "v.weight", "o.weight", "v_router.weight", "o_router.weight",
+        "route_scale"}
     no_balancing = SigmaMoE(16, 4, 8, 2, init_scale=0.5, bias_balancing=False)
-    assert "expert_bias" not in dict(tree_flatten(no_balancing.parameters()))
+    assert "router.bias" not in dict(tree_flatten(no_balancing.parameters()))
 
 
 def _check_selector(sel: mx.array, target: mx.array, expected_std: float) -> None:
@@ -237,14 +245,14 @@ def test_sigma_moe_init_statistics():
     mx.random.seed(0)
     scale, D, E, es = 0.5, 64, 192, 192
     moe = SigmaMoE(D, E, es, 2, init_scale=scale)
-    assert float(np.array(moe["keys"]).std()) == pytest.approx(scale / math.sqrt(D), rel=0.01)
-    assert float(np.array(moe["values"]).std()) == pytest.approx(
-        scale / math.sqrt(E * es), rel=0.01)
-    assert abs(float(np.array(moe["keys"]).mean())) < 1e-3
-    _check_selector(moe.expert_sel, moe.selector_target_std, scale / math.sqrt(D))
+    keys, values = np.array(moe["keys"].weight), np.array(moe["values"].weight)
+    assert float(keys.std()) == pytest.approx(scale / math.sqrt(D), rel=0.01)
+    assert float(values.std()) == pytest.approx(scale / math.sqrt(E * es), rel=0.01)
+    assert abs(float(keys.mean())) < 1e-3
+    _check_selector(moe.router.weight, moe.router.target_std, scale / math.sqrt(D))
     assert np.array(moe.route_scale).tolist() == [1.0]
-    for name in ("expert_bias", "expert_token_count", "expert_running_load"):
-        assert not np.array(getattr(moe, name)).any()
+    for name in ("bias", "token_count", "running_load"):
+        assert not np.array(getattr(moe.router, name)).any()
 
 
 def test_switch_head_init_statistics():
@@ -252,13 +260,13 @@ def test_switch_head_init_statistics():
     scale, D, H, E = 0.5, 64, 2, 32
     sh = SwitchHead(D, H, E, 1, init_scale=scale)
     std = scale / math.sqrt(D)
-    for w in (sh.q.weight, sh.k.weight, sh.v):
+    for w in (sh.q.weight, sh.k.weight, sh.v.weight):
         assert float(np.array(w).std()) == pytest.approx(std, rel=0.03)
     o_std = scale / math.sqrt(H * sh.head_dim)
-    assert float(np.array(sh.o).std()) == pytest.approx(o_std, rel=0.03)
-    _check_selector(sh.sel_v, sh.sel_v_target_std, std)
-    _check_selector(sh.sel_o, sh.sel_o_target_std, std)
-    assert sh.bias_update_rate == pytest.approx(1e-3 * math.sqrt(E))
+    assert float(np.array(sh.o.weight).std()) == pytest.approx(o_std, rel=0.03)
+    _check_selector(sh.v_router.weight, sh.v_router.target_std, std)
+    _check_selector(sh.o_router.weight, sh.o_router.target_std, std)
+    assert sh.v_router.bias_update_rate == pytest.approx(1e-3 * math.sqrt(E))
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,26 +392,23 @@ def np_neg_marginal_entropy(logits: list[np.ndarray]) -> float:
 def test_record_and_entropy_reg_match_numpy():
     mx.random.seed(3)
     model = Toy()
-    record = []
+    record = RoutingLog()
     model(mx.random.normal((3, 10, 16)), record=record)
-    assert len(record) == 2 * 2 * 3  # calls x layers x (v, o, ff)
-    kinds = {(id(m), r) for m, r, _, _ in record}
-    assert len(kinds) == 6
-    for _, router, logits, idx in record:
-        if router == "ff":
-            assert logits.shape == (3, 10, 8) and idx.shape == (3, 10, 2)
-        else:
-            assert logits.shape == (3, 10, 2, 4) and idx.shape == (3, 10, 2, 2)
-            assert int(np.array(idx).max()) < 4  # per-head local ids
+    rs = routers(model)
+    assert len(rs) == 2 * 3  # layers x (v, o, ff)
     expected = 0.0
-    for _, module in moe_modules(model):
-        routers = ["ff"] if isinstance(module, SigmaMoE) else ["v", "o"]
-        for r in routers:
-            logits = [np.array(lg) for m, rr, lg, _ in record if m is module and rr == r]
-            assert len(logits) == 2
-            expected += module.entropy_coef * np_neg_marginal_entropy(logits)
-    assert float(moe_entropy_reg(record)) == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    assert float(moe_entropy_reg([])) == 0.0
+    for router in rs:
+        logits, idx = record.calls(router)
+        assert len(logits) == len(idx) == 2  # calls
+        for lg, i in zip(logits, idx):
+            if not router.grouped:
+                assert lg.shape == (3, 10, 8) and i.shape == (3, 10, 2)
+            else:
+                assert lg.shape == (3, 10, 2, 4) and i.shape == (3, 10, 2, 2)
+                assert int(np.array(i).max()) < 4  # per-head local ids
+        expected += router.entropy_coef * np_neg_marginal_entropy([np.array(x) for x in logits])
+    assert float(record.entropy_reg()) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert float(RoutingLog().entropy_reg()) == 0.0
 
 
 def test_entropy_reg_random_logits_and_gradient():
@@ -414,14 +419,17 @@ def test_entropy_reg_random_logits_and_gradient():
     v = [mx.random.normal((2, 7, 3, 5)) * 2 for _ in range(2)]
     o = [mx.random.normal((2, 7, 3, 5)) for _ in range(2)]
     dummy = mx.zeros((1,), dtype=mx.uint32)
-    record = ([(moe, "ff", x, dummy) for x in ff] + [(sh, "v", x, dummy) for x in v]
-              + [(sh, "o", x, dummy) for x in o])
+    record = RoutingLog()
+    for router, calls in ((moe.router, ff), (sh.v_router, v), (sh.o_router, o)):
+        for x in calls:
+            record.add(router, x, dummy)
     expected = (0.01 * np_neg_marginal_entropy(ff) + 0.001 * (np_neg_marginal_entropy(v)
                                                                 + np_neg_marginal_entropy(o)))
-    assert float(moe_entropy_reg(record)) == pytest.approx(expected, rel=1e-5)
+    assert float(record.entropy_reg()) == pytest.approx(expected, rel=1e-5)
     # Uniform logits: the marginal is uniform and the reg is exactly -log(E).
-    flat = [(moe, "ff", mx.zeros((2, 4, 6)), dummy)]
-    assert float(moe_entropy_reg(flat)) == pytest.approx(-0.01 * math.log(6), rel=1e-6)
+    flat = RoutingLog()
+    flat.add(moe.router, mx.zeros((2, 4, 6)), dummy)
+    assert float(flat.entropy_reg()) == pytest.approx(-0.01 * math.log(6), rel=1e-6)
 
     # Gradient reaches the selectors through a real forward.
     model = Toy(n_layers=1)
@@ -429,25 +437,24 @@ def test_entropy_reg_random_logits_and_gradient():
 
     def reg(params):
         model.update(params)
-        record = []
+        record = RoutingLog()
         model(h, record=record, calls=1)
-        return moe_entropy_reg(record)
+        return record.entropy_reg()
 
     params = model.trainable_parameters()
     grads = dict(tree_flatten(mx.grad(reg)(params)))
     model.update(params)
-    for name in ("layers.0.mlp.expert_sel", "layers.0.self_attn.sel_v",
-                 "layers.0.self_attn.sel_o"):
+    for name in ("layers.0.mlp.router.weight", "layers.0.self_attn.v_router.weight",
+                 "layers.0.self_attn.o_router.weight"):
         g = np.array(grads[name])
         assert np.isfinite(g).all() and np.abs(g).max() > 0, name
 
     # Calls made "without gradient" still count in the value but pass no gradient.
     def reg_detached(params):
         model.update(params)
-        record = []
-        model(mx.stop_gradient(h), record=record, calls=1)
-        detach_record(record)
-        return moe_entropy_reg(record)
+        record = RoutingLog()
+        model(mx.stop_gradient(h), record=record.detached(), calls=1)
+        return record.entropy_reg()
 
     value, grads = mx.value_and_grad(reg_detached)(params)
     model.update(params)
@@ -459,29 +466,23 @@ def test_entropy_reg_random_logits_and_gradient():
 def test_expert_counts():
     mx.random.seed(5)
     model = Toy()
-    record = []
+    record = RoutingLog()
     model(mx.random.normal((2, 9, 16)), record=record)
-    counts = expert_counts(record, model)
-    assert set(counts) == {f"layers.{i}.{n}" for i in (0, 1) for n in
-                           ("mlp.expert_token_count", "self_attn.expert_v_token_count",
-                            "self_attn.expert_o_token_count")}
-    for path, module in moe_modules(model):
-        if isinstance(module, SigmaMoE):
-            idx = [np.array(i) for m, _, _, i in record if m is module]
-            expected = np.bincount(np.concatenate([i.ravel() for i in idx]), minlength=8)
-            got = counts[f"{path}.expert_token_count"]
+    rs = routers(model)
+    counts = record.counts(rs)
+    assert len(counts) == len(rs) == 6
+    for router, got in zip(rs, counts):
+        idx = [np.array(i) for i in record.calls(router)[1]]
+        if not router.grouped:
             assert got.dtype == mx.float32 and got.shape == (8,)
-            np.testing.assert_array_equal(np.array(got), expected)
+            expected = np.bincount(np.concatenate([i.ravel() for i in idx]), minlength=8)
             assert float(got.sum()) == 2 * 9 * 2 * 2  # tokens x slots x calls
         else:
-            for r in ("v", "o"):
-                idx = [np.array(i) for m, rr, _, i in record if m is module and rr == r]
-                glob = [i + np.arange(2)[:, None] * 4 for i in idx]  # h * E + e
-                expected = np.bincount(np.concatenate([g.ravel() for g in glob]), minlength=8)
-                np.testing.assert_array_equal(
-                    np.array(counts[f"{path}.expert_{r}_token_count"]), expected)
-    with pytest.raises(ValueError):
-        expert_counts(record, Toy())
+            glob = [i + np.arange(2)[:, None] * 4 for i in idx]  # h * E + e
+            expected = np.bincount(np.concatenate([g.ravel() for g in glob]), minlength=8)
+        np.testing.assert_array_equal(np.array(got), expected)
+    # A router that was not called counts nothing.
+    assert all(not np.array(c).any() for c in RoutingLog().counts(rs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,98 +493,99 @@ def test_expert_counts():
 def test_update_expert_bias_one_step_by_hand():
     moe = SigmaMoE(16, 4, 8, 2, init_scale=0.5, bias_update_rate=0.01, bias_momentum=0.9,
                    bias_clip=1.0)
-    moe.expert_running_load = mx.array([0.1, 0.2, 0.3, 0.4])
-    moe.expert_bias = mx.array([0.0, 0.05, -0.05, 0.1])
-    moe.expert_token_count = mx.array([1.0, 0.0, 0.0, 0.0])  # already accumulated
-    counts = {"expert_token_count": mx.array([5.0, 2.0, 0.0, 0.0])}
-    update_expert_bias(moe, counts)
+    router = moe.router
+    router.running_load = mx.array([0.1, 0.2, 0.3, 0.4])
+    router.bias = mx.array([0.0, 0.05, -0.05, 0.1])
+    router.token_count = mx.array([1.0, 0.0, 0.0, 0.0])  # already accumulated
+    router.update_bias(mx.array([5.0, 2.0, 0.0, 0.0]))
     c = np.array([6.0, 2.0, 0.0, 0.0])
     R = 0.9 * np.array([0.1, 0.2, 0.3, 0.4]) + 0.1 * c / c.sum()
-    s = float(moe.selector_target_std) * math.sqrt(16 * 4)
+    s = float(router.target_std) * math.sqrt(16 * 4)
     b = np.array([0.0, 0.05, -0.05, 0.1]) - 0.01 * s * (R - 0.25) / 0.25
     b = np.clip(b, -s, s)
-    np.testing.assert_allclose(np.array(moe.expert_running_load), R, rtol=1e-6)
-    np.testing.assert_allclose(np.array(moe.expert_bias), b, rtol=1e-5, atol=1e-7)
-    assert not np.array(moe.expert_token_count).any()
+    np.testing.assert_allclose(np.array(router.running_load), R, rtol=1e-6)
+    np.testing.assert_allclose(np.array(router.bias), b, rtol=1e-5, atol=1e-7)
+    assert not np.array(router.token_count).any()
 
     # SwitchHead: per-head E in the scale, H*E in the target, rate pre-multiplied by sqrt(E).
     sh = SwitchHead(16, 2, 3, 1, init_scale=0.5, bias_update_rate=0.01, bias_clip=None)
     cv = np.array([4.0, 0, 2, 1, 1, 0])
-    update_expert_bias(sh, {"expert_v_token_count": mx.array(cv)})
+    sh.v_router.update_bias(mx.array(cv))
+    sh.o_router.update_bias()
     Rv = 0.1 * cv / cv.sum()
-    sv = float(sh.sel_v_target_std) * math.sqrt(16 * 3)
-    np.testing.assert_allclose(np.array(sh.expert_v_bias),
+    sv = float(sh.v_router.target_std) * math.sqrt(16 * 3)
+    np.testing.assert_allclose(np.array(sh.v_router.bias),
                                -0.01 * math.sqrt(3) * sv * (Rv - 1 / 6) * 6, rtol=1e-5)
     # The o router saw no tokens: untouched, as in the reference.
-    assert not np.array(sh.expert_o_bias).any() and not np.array(sh.expert_o_running_load).any()
+    assert not np.array(sh.o_router.bias).any() and not np.array(sh.o_router.running_load).any()
 
     # Clipping at +-clip * s.
-    moe.bias_update_rate = 10.0
-    update_expert_bias(moe, {"expert_token_count": mx.array([8.0, 0.0, 0.0, 0.0])})
-    assert np.abs(np.array(moe.expert_bias)).max() == pytest.approx(s, rel=1e-6)
+    router.bias_update_rate = 10.0
+    router.update_bias(mx.array([8.0, 0.0, 0.0, 0.0]))
+    assert np.abs(np.array(router.bias)).max() == pytest.approx(s, rel=1e-6)
 
 
 def test_bias_balancing_evens_out_a_skewed_router():
     mx.random.seed(6)
     D, E, k = 16, 8, 2
     moe = SigmaMoE(D, E, 8, k, init_scale=1.0, bias_update_rate=0.05, bias_momentum=0.9)
+    router = moe.router
     # Tokens share a strong common direction u, and expert 0's selector points along u.
     u = mx.random.normal((D,))
     u = u / mx.linalg.norm(u)
-    row_norm = mx.linalg.norm(moe.expert_sel[1])
-    moe.expert_sel = mx.concatenate([(u * row_norm)[None], moe.expert_sel[1:]])
+    row_norm = mx.linalg.norm(router.weight[1])
+    router.weight = mx.concatenate([(u * row_norm)[None], router.weight[1:]])
 
     def loads():
         x = mx.random.normal((4, 64, D)) + 3 * u
-        record = []
+        record = RoutingLog()
         moe(x, rms_norm(x), record=record)
-        counts = expert_counts(record, moe)
-        c = np.array(counts["expert_token_count"])
+        (counts,) = record.counts([router])
+        c = np.array(counts)
         return c / c.sum(), counts
 
-    s = float(moe.selector_target_std) * math.sqrt(D * E)
+    s = float(router.target_std) * math.sqrt(D * E)
     first, _ = loads()
     assert first[0] > 0.45  # expert 0 takes (almost) every token's first slot
     history = []
     for _ in range(150):
         load, counts = loads()
         history.append(load.max())
-        update_expert_bias(moe, counts)
-        renorm_selectors(moe)
-        assert np.abs(np.array(moe.expert_bias)).max() <= s * (1 + 1e-6)
-        assert not np.array(moe.expert_token_count).any()
+        router.update_bias(counts)
+        router.renorm()
+        assert np.abs(np.array(router.bias)).max() <= s * (1 + 1e-6)
+        assert not np.array(router.token_count).any()
     assert np.mean(history[-20:]) < 0.6 * first.max()
-    assert np.array(moe.expert_bias)[0] < -0.1 * s  # the favoured expert was pushed down
+    assert np.array(router.bias)[0] < -0.1 * s  # the favoured expert was pushed down
 
 
 def test_accumulated_counts_are_used_and_reset():
-    moe = SigmaMoE(16, 4, 8, 2, init_scale=0.5)
-    accumulate_expert_counts(moe, {"expert_token_count": mx.array([3.0, 1.0, 0.0, 0.0])})
-    accumulate_expert_counts(moe, {"expert_token_count": mx.array([1.0, 1.0, 1.0, 1.0])})
-    np.testing.assert_array_equal(np.array(moe.expert_token_count), [4, 2, 1, 1])
-    update_expert_bias(moe)
-    np.testing.assert_allclose(np.array(moe.expert_running_load), 0.1 * np.array([4, 2, 1, 1]) / 8)
-    assert not np.array(moe.expert_token_count).any()
+    router = SigmaMoE(16, 4, 8, 2, init_scale=0.5).router
+    router.token_count = mx.array([4.0, 2.0, 1.0, 1.0])  # counts kept from earlier calls
+    router.update_bias()
+    np.testing.assert_allclose(np.array(router.running_load),
+                               0.1 * np.array([4, 2, 1, 1]) / 8)
+    assert not np.array(router.token_count).any()
 
 
 def test_renorm_selectors():
     mx.random.seed(7)
     model = Toy(n_layers=1)
     block = model.layers[0]
-    block.mlp.expert_sel = block.mlp.expert_sel * mx.random.uniform(0.5, 3.0, (8, 1)) + 0.01
-    block.self_attn.sel_v = block.self_attn.sel_v * 4
-    block.self_attn.sel_o = block.self_attn.sel_o + 0.1
-    renorm_selectors(model)
-    for sel, target in ((block.mlp.expert_sel, block.mlp.selector_target_std),
-                        (block.self_attn.sel_v, block.self_attn.sel_v_target_std),
-                        (block.self_attn.sel_o, block.self_attn.sel_o_target_std)):
-        _check_selector(sel, target, float(target))
+    mlp, sa = block.mlp.router, block.self_attn
+    mlp.weight = mlp.weight * mx.random.uniform(0.5, 3.0, (8, 1)) + 0.01
+    sa.v_router.weight = sa.v_router.weight * 4
+    sa.o_router.weight = sa.o_router.weight + 0.1
+    for router in routers(model):
+        router.renorm()
+    for router in (mlp, sa.v_router, sa.o_router):
+        _check_selector(router.weight, router.target_std, float(router.target_std))
     # Without bias balancing selectors are left alone (the reference trainer skips them).
-    free = SigmaMoE(16, 4, 8, 2, init_scale=0.5, bias_balancing=False)
-    free.expert_sel = free.expert_sel * 3
-    before = np.array(free.expert_sel)
-    renorm_selectors(free)
-    np.testing.assert_array_equal(np.array(free.expert_sel), before)
+    free = SigmaMoE(16, 4, 8, 2, init_scale=0.5, bias_balancing=False).router
+    free.weight = free.weight * 3
+    before = np.array(free.weight)
+    free.renorm()
+    np.testing.assert_array_equal(np.array(free.weight), before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,9 +599,9 @@ def test_compiled_forward_backward_matches():
     h = mx.random.normal((2, 8, 16))
 
     def loss_fn(h):
-        record = []
+        record = RoutingLog()
         out = model(h, record=record)
-        return (out ** 2).mean() + moe_entropy_reg(record)
+        return (out ** 2).mean() + record.entropy_reg()
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
     ref_loss, ref_grads = value_and_grad(h)
@@ -621,16 +623,20 @@ def test_compiled_training_mechanics_match():
         return Toy(n_layers=1)
 
     def make_step(model):
+        rs = routers(model)
+
         def loss_fn(h):
-            record = []
+            record = RoutingLog()
             out = model(h, record=record)
-            return (out ** 2).mean() + moe_entropy_reg(record), expert_counts(record, model)
+            return (out ** 2).mean() + record.entropy_reg(), record.counts(rs)
 
         def step(h):
             (loss, counts), grads = nn.value_and_grad(model, loss_fn)(h)
-            update_expert_bias(model, counts)
+            for router, c in zip(rs, counts):
+                router.update_bias(c)
             model.update(tree_map(lambda p, g: p - 0.1 * g, model.trainable_parameters(), grads))
-            renorm_selectors(model)
+            for router in rs:
+                router.renorm()
             return loss, counts
 
         return step
@@ -644,10 +650,31 @@ def test_compiled_training_mechanics_match():
         l1, c1 = eager_step(h)
         l2, c2 = compiled(h)
         assert float(l1) == pytest.approx(float(l2), rel=1e-5)
-        for key in c1:
-            np.testing.assert_array_equal(np.array(c1[key]), np.array(c2[key]))
+        for a, b in zip(c1, c2, strict=True):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
     flat_e = dict(tree_flatten(eager.parameters()))
     for name, value in tree_flatten(compiled_model.parameters()):
         assert_close(value, flat_e[name], what=name)
-    assert np.abs(np.array(flat_e["layers.0.mlp.expert_bias"])).max() > 0
+    assert np.abs(np.array(flat_e["layers.0.mlp.router.bias"])).max() > 0
 
+
+def test_model_directory_with_reference_names_loads(tmp_path):
+    """A MoEUT directory saved before the routers were modules (the reference's names, experts
+    stored [E, in, out]) loads into exactly the same weights."""
+    from mlx_trm.checkpoint import WEIGHTS_FILE, load, save
+    from mlx_trm.config import ModelConfig
+    from mlx_trm.models import build_model
+
+    mx.random.seed(0)
+    model = build_model(ModelConfig(
+        vocab_size=64, hidden_size=16, num_heads=2, L_layers=1, L_cycles=1, seq_len=16,
+        use_moeut=True, moe_ff_n_experts=4, moe_ff_expert_size=8, moe_att_n_experts=2))
+    out = save(tmp_path / "m", model)
+    flat = dict(tree_flatten(model.parameters()))
+    legacy = to_reference_names(flat)
+    assert legacy["L_level.layers.0.mlp.keys"].shape == (4, 16, 8)
+    assert "L_level.layers.0.self_attn.expert_v_bias" in legacy
+    mx.save_safetensors(str(out / WEIGHTS_FILE), legacy)
+    loaded, _ = load(out)
+    for key, value in tree_flatten(loaded.parameters()):
+        np.testing.assert_array_equal(np.array(value), np.array(flat[key]), err_msg=key)

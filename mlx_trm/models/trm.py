@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +26,9 @@ import mlx.nn as nn
 from ..config import ModelConfig
 from .cache import KVCache
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
+
+if TYPE_CHECKING:
+    from .router import RoutingLog
 
 IGNORE_LABEL = -100
 
@@ -40,7 +43,8 @@ class DenseBlock(nn.Module):
         self.self_attn = Attention(args.hidden_size, args.num_heads, args.rope_theta)
         self.mlp = SwiGLU(args.hidden_size, args.expansion)
 
-    def __call__(self, h: mx.array, cache: Any = None, record: list | None = None) -> mx.array:
+    def __call__(self, h: mx.array, cache: Any = None,
+                 record: RoutingLog | None = None) -> mx.array:
         if self.pre_norm:
             h = h + self.self_attn(rms_norm(h, self.eps), cache)
             return h + self.mlp(rms_norm(h, self.eps))
@@ -77,7 +81,8 @@ class MoEUTBlock(nn.Module):
             init_scale=init_scale, entropy_coef=args.moe_entropy_reg, **balancing,
         )
 
-    def __call__(self, h: mx.array, cache: Any = None, record: list | None = None) -> mx.array:
+    def __call__(self, h: mx.array, cache: Any = None,
+                 record: RoutingLog | None = None) -> mx.array:
         a = rms_norm(h, self.eps)
         h = rms_norm(h + self.self_attn(a, h, cache=cache, record=record), self.eps)
         f = rms_norm(h, self.eps)
@@ -92,7 +97,7 @@ class ReasoningModule(nn.Module):
         self.layers = layers
 
     def __call__(self, z: mx.array, injection: mx.array, caches: Iterator | None = None,
-                 record: list | None = None) -> mx.array:
+                 record: RoutingLog | None = None) -> mx.array:
         h = z + injection
         for layer in self.layers:
             h = layer(h, next(caches) if caches is not None else None, record)
@@ -129,6 +134,17 @@ class Model(nn.Module):
             self.L_level = ReasoningModule([block() for _ in range(args.L_layers)])
         self.freeze(keys=["H_init", "L_init"], recurse=False)
 
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Weights with the reference's MoE names (older checkpoints) renamed to ours.
+
+        mlx-lm's loader calls this too; weights already in our naming pass through.
+        """
+        if not self.args.use_moeut:
+            return weights
+        from .moe import from_reference_names
+
+        return from_reference_names(weights)
+
     @property
     def layers(self) -> list[nn.Module]:
         """The distinct blocks (mlx-lm convention); each is applied many times per forward."""
@@ -149,18 +165,19 @@ class Model(nn.Module):
         return mx.broadcast_to(self.H_init, shape), mx.broadcast_to(self.L_init, shape)
 
     def inner(self, z_H: mx.array, z_L: mx.array, inputs: mx.array,
-              caches: Iterator | None = None, record: list | None = None
+              caches: Iterator | None = None, record: RoutingLog | None = None
               ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         """One ACT step: refine (z_H, z_L) and read out logits [B,T,V] and q logits [B,2].
 
         ``caches`` yields one KV slot per layer application, in execution order. ``record``, a
-        list, collects MoE router calls (entropy regulariser, bias balancing); None in eval.
+        ``RoutingLog``, collects MoE router calls (entropy regulariser, bias balancing); None in
+        eval.
         """
         z_H, z_L = self.refine(z_H, z_L, inputs, caches, record)
         return (z_H, z_L, *self.readout(z_H))
 
     def refine(self, z_H: mx.array, z_L: mx.array, inputs: mx.array,
-               caches: Iterator | None = None, record: list | None = None
+               caches: Iterator | None = None, record: RoutingLog | None = None
                ) -> tuple[mx.array, mx.array]:
         """The recursion of one ACT step (no read-out)."""
         args = self.args
@@ -174,15 +191,12 @@ class Model(nn.Module):
             if args.H_cycles > 1:
                 # The reference runs these cycles under torch.no_grad(): only the last cycle is
                 # back-propagated, so the latents and the router logits they recorded are cut.
-                early = [] if record is not None else None
+                early = record.detached() if record is not None else None
                 for _ in range(args.H_cycles - 1):
                     for _ in range(args.L_cycles):
                         z_L = self.L_level(z_L, z_H + x, caches, early)
                     z_H = self.L_level(z_H, z_L, caches, early)
                 z_H, z_L = mx.stop_gradient(z_H), mx.stop_gradient(z_L)
-                if record is not None:
-                    record.extend((m, name, mx.stop_gradient(logits), idx)
-                                  for m, name, logits, idx in early)
             for _ in range(args.L_cycles):
                 z_L = self.L_level(z_L, z_H + x, caches, record)
             z_H = self.L_level(z_H, z_L, caches, record)
@@ -242,7 +256,7 @@ def initial_carry(model: Model, batch_size: int, seq_len: int) -> dict[str, mx.a
 
 
 def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels: mx.array, *,
-             training: bool, record: list | None = None, key: mx.array | None = None,
+             training: bool, record: RoutingLog | None = None, key: mx.array | None = None,
              halt_max_steps: int | None = None
              ) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
     """One ACT step with the reference's carry semantics (seed-reference.md §7).
