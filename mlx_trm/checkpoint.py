@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, ModelConfig, model_config_from_dict
+from .quantize import quantize_skeleton
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -158,7 +159,7 @@ def load(path: str | Path, model_config: dict[str, Any] | None = None
     from .models import build_model
 
     path = resolve_model_dir(path)
-    config, _ = read_model_config(path)
+    config, raw = read_model_config(path)
     if model_config:
         from dataclasses import asdict
 
@@ -167,7 +168,9 @@ def load(path: str | Path, model_config: dict[str, Any] | None = None
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise ConfigError(f"{path} has no {WEIGHTS_FILE}; the directory is incomplete")
-    load_weights_strict(model, mx.load(str(weights_file)), str(weights_file))
+    weights = mx.load(str(weights_file))
+    quantize_skeleton(model, raw, weights)  # mlx_lm.convert -q directories
+    load_weights_strict(model, weights, str(weights_file))
     mx.eval(model.parameters())
     return model, load_dir_tokenizer(path)
 

@@ -289,6 +289,28 @@ def _load_spm_file(path: Path) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(data, source=str(path))
 
 
+def _spm_behind_hf_json(path: Path) -> SentencePieceTokenizer | None:
+    """The packaged SentencePiece model when ``path`` is its transformers form, else None.
+
+    Our model directories carry the SentencePiece BPE twice: ``tokenizer.model`` and, for mlx-lm,
+    a ``tokenizer.json`` rebuilt with the same ids (interop.hf_tokenizer). ``mlx_lm.convert``
+    (quantization) copies only the latter; its pieces identify the packaged model.
+    """
+    try:
+        model = json.loads(path.read_text()).get("model") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None  # GPT-Neo's tokenizer.json has no byte fallback
+    default = _load_spm_file(DEFAULT_TOKENIZER)
+    if model.get("vocab") != {default.id_to_piece(i): i for i in range(default.vocab_size)}:
+        raise ConfigError(
+            f"{path} is the transformers copy of a SentencePiece tokenizer other than the "
+            "packaged one; copy tokenizer.model from the directory it was converted from into "
+            f"{path.parent}")
+    return default
+
+
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     """Load a tokenizer.
 
@@ -316,7 +338,8 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
         if (p / "tokenizer.model").is_file():
             return _load_spm_file(p / "tokenizer.model")
         if (p / "tokenizer.json").is_file():
-            return _gpt_neo_from_json(p / "tokenizer.json")
+            return _spm_behind_hf_json(p / "tokenizer.json") or _gpt_neo_from_json(
+                p / "tokenizer.json")
         files = _bpe_files_in(p)
         if files:
             return _gpt_neo_from_bpe_files(*files)

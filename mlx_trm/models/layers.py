@@ -133,14 +133,30 @@ class SwiGLU(nn.Module):
 
 
 class TiedEmbedding(nn.Module):
-    """Token embedding whose weight is also the output head (one parameter, one gradient)."""
+    """Token embedding whose weight is also the output head (one parameter, one gradient).
+
+    The parameter keeps the reference's name (``embedding_weight``); ``weight`` is the same array
+    under mlx's name, which ``nn.quantize`` and mlx-lm's quantization read. Quantized, the module
+    becomes an ``nn.QuantizedEmbedding``: the lookup dequantizes the gathered rows and
+    ``as_linear`` (the read-out) runs ``mx.quantized_matmul`` on the packed table.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.embedding_weight = trunc_normal((vocab_size, hidden_size), 1 / math.sqrt(hidden_size))
+
+    @property
+    def weight(self) -> mx.array:
+        return self.embedding_weight
 
     def __call__(self, ids: mx.array) -> mx.array:
         return self.embedding_weight[ids]
 
     def as_linear(self, h: mx.array) -> mx.array:
         return h @ self.embedding_weight.T
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
+                     mode: str = "affine", quantize_input: bool = False) -> nn.QuantizedEmbedding:
+        if quantize_input:
+            raise ValueError("quantized inputs are not supported for the embedding")
+        return nn.QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
