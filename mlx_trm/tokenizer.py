@@ -10,7 +10,7 @@ Conventions shared by both (the reference's, seed-reference §10):
 The packaged default (``mlx_trm/assets/tokenizer/tokenizer.model``) is a 10,000-piece BPE with
 byte fallback, trained on the TinyStories sample with (from the project root, ~1 s)::
 
-    python scripts/train_tokenizer.py --data ../shared/data/tinystories/train.txt.xz \
+    python scripts/train_tokenizer.py --data mlx_trm/assets/tinystories/train.txt.xz \
         --vocab-size 10000 --out mlx_trm/assets/tokenizer/tokenizer.model
 
 Its layout: id 0 = ``<|endoftext|>`` (SentencePiece's unk slot, so no id is spent on an unk that

@@ -2,7 +2,7 @@
 
 The packaged default was made with (from the project root)::
 
-    python scripts/train_tokenizer.py --data ../shared/data/tinystories/train.txt.xz \
+    python scripts/train_tokenizer.py --data mlx_trm/assets/tinystories/train.txt.xz \
         --vocab-size 10000 --out mlx_trm/assets/tokenizer/tokenizer.model
 
 Deterministic: the same stories in the same order give a byte-identical model (the trainer
