@@ -15,27 +15,26 @@ torch = pytest.importorskip("torch", reason="the converter tests need the torch 
 
 from mlx_trm.convert import main as convert_main  # noqa: E402
 from mlx_trm.convert import mlx_to_torch, torch_to_mlx  # noqa: E402
+from tests.conftest import ARCHS, reference_cases  # noqa: E402
 
-ARCHS = ["trm_tinystories_1m_flat", "trm_tinystories_1m", "trm_tinystories_1m_moeut",
-         "trm_tinystories_1m_moeut_act"]
 DENSE = ARCHS[:2]
+CASES = reference_cases()  # every reference fixture folder: small ones, full-size when present
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Every fixture's step_3.pt converted once for the module."""
-    from tests.conftest import FIXTURES
+    """folder -> its step_3.pt converted (once per module)."""
+    root, done = tmp_path_factory.mktemp("converted"), {}
 
-    if not FIXTURES.is_dir():
-        pytest.skip(f"the reference fixtures are not at {FIXTURES} (../shared next to the repo)")
-    root = tmp_path_factory.mktemp("converted")
-    return {arch: torch_to_mlx(FIXTURES / arch / "step_3.pt", root / arch) for arch in ARCHS}
+    def convert(folder):
+        if folder not in done:
+            done[folder] = torch_to_mlx(folder / "step_3.pt", root / str(len(done)))
+        return done[folder]
+    return convert
 
 
-def expected(arch: str) -> dict[str, np.ndarray]:
-    from tests.conftest import FIXTURES
-
-    return dict(np.load(FIXTURES / arch / "expected.npz"))
+def expected(folder) -> dict[str, np.ndarray]:
+    return dict(np.load(folder / "expected.npz"))
 
 
 def act_step_logits(model, inputs: mx.array) -> list[np.ndarray]:
@@ -83,8 +82,8 @@ def routing_flips(model, e) -> tuple[int, int]:
     return flips, near_ties
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_logits_equal_reference_at_every_act_step(converted, arch):
+@pytest.mark.parametrize("folder", CASES)
+def test_logits_equal_reference_at_every_act_step(converted, folder):
     """Logits within 1e-4 of the reference's at every ACT step, at every position (via z_H).
 
     For MoE models a top-k choice may flip where the reference's scores nearly tie, and a flip
@@ -92,8 +91,8 @@ def test_logits_equal_reference_at_every_act_step(converted, arch):
     counted in layer 0's first call, and with none there the whole model must agree to 1e-4.
     (Measured: no flips, logits within 2e-6, in both MoE fixtures.)
     """
-    model, _ = load(converted[arch])
-    e = expected(arch)
+    model, _ = load(converted(folder))
+    e = expected(folder)
     flips = 0
     if model.args.use_moeut:
         flips, near_ties = routing_flips(model, e)
@@ -128,10 +127,10 @@ def greedy(model, prompt: np.ndarray, n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_continuation_equals_reference(converted, arch):
-    model, _ = load(converted[arch])
-    e = expected(arch)
+@pytest.mark.parametrize("folder", CASES)
+def test_greedy_continuation_equals_reference(converted, folder):
+    model, _ = load(converted(folder))
+    e = expected(folder)
     n = len(e["greedy_continuation"])
     ours = greedy(model, e["greedy_prompt"], n)
     theirs = e["greedy_continuation"].tolist()
@@ -140,12 +139,10 @@ def test_greedy_continuation_equals_reference(converted, arch):
         assert e["greedy_top2_margin"][first] < 1e-4, (first, ours, theirs)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_torch_mlx_torch_roundtrip_is_bit_exact(converted, arch, tmp_path):
-    from tests.conftest import FIXTURES
-
-    original = torch.load(FIXTURES / arch / "step_3.pt", weights_only=True)
-    back_path = mlx_to_torch(converted[arch], tmp_path / "back.pt")
+@pytest.mark.parametrize("folder", CASES)
+def test_torch_mlx_torch_roundtrip_is_bit_exact(converted, folder, tmp_path):
+    original = torch.load(folder / "step_3.pt", weights_only=True)
+    back_path = mlx_to_torch(converted(folder), tmp_path / "back.pt")
     back = torch.load(back_path, weights_only=True)
     a, b = original["model_state_dict"], back["model_state_dict"]
     assert list(a) == list(b)
@@ -175,7 +172,7 @@ def test_old_flat_key_names_are_accepted(tmp_path, fixtures_dir):
         for k, v in checkpoint["model_state_dict"].items()}
     torch.save(checkpoint, tmp_path / "old.pt")
     model, _ = load(torch_to_mlx(tmp_path / "old.pt", tmp_path / "old"))
-    e = expected("trm_tinystories_1m_flat")
+    e = expected(fixtures_dir / "trm_tinystories_1m_flat")
     logits = np.array(model(mx.array(e["eval_inputs"])))
     assert np.abs(logits[:, e["positions"]] - e["logits"][-1]).max() <= 1e-4
 
@@ -213,7 +210,7 @@ def test_clear_errors(tmp_path, fixtures_dir):
         torch_to_mlx(tmp_path / "missing_keys.pt", tmp_path / "out")
 
     state = dict(good["model_state_dict"])
-    state["model.inner.L_level.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 512)
+    state["model.inner.L_level.layers.0.mlp.down_proj.weight"] = torch.zeros(3, 5)
     torch.save({**good, "model_state_dict": state}, tmp_path / "shape.pt")
     with pytest.raises(ConfigError, match=r"shape mismatch for L_level\.layers\.0\.mlp\.down_proj"):
         torch_to_mlx(tmp_path / "shape.pt", tmp_path / "out")
