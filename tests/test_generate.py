@@ -256,7 +256,7 @@ def test_reference_greedy_continuation_with_the_cache(converted, folder):
             break
         ids.append(t)
     if ids != expected:
-        # Only a MoE routing near-tie may flip a choice (seed-reference.md §20); the reference's
+        # Only a MoE routing near-tie may flip a choice (top-k is discontinuous); the reference's
         # margin behind the first differing token must then be tiny.
         assert model.args.use_moeut, f"dense cached greedy ids differ: {ids} vs {expected}"
         first = next(i for i, (a, b) in enumerate(zip(ids, expected)) if a != b)
