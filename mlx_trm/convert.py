@@ -161,9 +161,9 @@ def mlx_to_torch_state(model_dir: str | Path, tokenizer_name: str = NO_TOKENIZER
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A model directory as ``(state_dict, checkpoint_extras)`` in the reference's format."""
     torch = _torch()
-    from .checkpoint import model_weights, read_model_config
+    from .checkpoint import model_weights, read_model_config, resolve_model_dir
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)  # a run directory holds its model in model/
     _, raw_config = read_model_config(model_dir)
     model, _ = load(model_dir)
     weights = {k: np.array(v) for k, v in model_weights(model).items()}
@@ -290,8 +290,7 @@ def mlx_to_torch(model_dir: str | Path, out_path: str | Path) -> Path:
     torch = _torch()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    state, extras = mlx_to_torch_state(model_dir, _tokenizer_for_reference(Path(model_dir),
-                                                                           out_path))
+    state, extras = mlx_to_torch_state(model_dir, _tokenizer_for_reference(model_dir, out_path))
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     torch.save({"model_state_dict": state, **extras}, tmp)
     tmp.replace(out_path)

@@ -286,7 +286,7 @@ def trained_run(tmp_path_factory):
 def test_mlx_model_metadata_is_what_the_reference_reads(trained_run, tmp_path):
     from mlx_trm.tokenizer import load_tokenizer
 
-    out = mlx_to_torch(trained_run, tmp_path / "step_3.pt")
+    out = mlx_to_torch(trained_run.parent, tmp_path / "step_3.pt")  # the run directory
     written = torch.load(out, weights_only=True)
     config, arch = written["config"], written["config"]["arch"]
     assert "causal" not in arch  # the reference's loaders pass causal=True themselves
