@@ -304,6 +304,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             raw.setdefault(section, {})[name] = value
         else:
             raw[name] = value
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A validated Config from a dict with model, train and data sections (and out_dir)."""
     for key in raw:
         if key not in (*SECTIONS, "out_dir"):
             raise _unknown_key(key, [*SECTIONS, "out_dir"], "the config")
