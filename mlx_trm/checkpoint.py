@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ConfigError, ModelConfig, model_config_from_dict
+from .config import ConfigError, ModelConfig, dataclass_from_dict, model_config_from_dict
 from .files import atomic_write, write_atomic_dir
 from .mlx_lm_files import write_mlx_lm_files
+from .models import build_model
+from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -82,8 +85,6 @@ def require_finite(weights: dict[str, mx.array], source: Path) -> None:
 
 
 def model_config_json(config: ModelConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    from dataclasses import asdict
-
     data = {"model_type": "trm", **asdict(config)}
     data.update(extra or {})
     return data
@@ -170,14 +171,9 @@ def load(path: str | Path, model_config: dict[str, Any] | None = None
     ``model_config`` overrides config fields at load time, e.g. ``{"halt_max_steps": 8}`` for more
     test-time refinement (the weights do not depend on it). Same signature as ``mlx_lm.load``.
     """
-    from .config import dataclass_from_dict
-    from .models import build_model
-
     path = resolve_model_dir(path)
     config, _ = read_model_config(path)
     if model_config:
-        from dataclasses import asdict
-
         config = dataclass_from_dict(ModelConfig, {**asdict(config), **model_config}, "model")
     model = build_model(config)
     weights_file = path / WEIGHTS_FILE
@@ -193,7 +189,5 @@ def load(path: str | Path, model_config: dict[str, Any] | None = None
 
 def load_dir_tokenizer(path: Path) -> Any:
     if (path / "tokenizer.model").is_file() or (path / "tokenizer.json").is_file():
-        from .tokenizer import load_tokenizer
-
         return load_tokenizer(str(path))
     return None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -323,8 +325,6 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def cli_errors(main: typing.Callable[..., Any]) -> typing.Callable[..., Any]:
     """Wrap a CLI entry point: a ConfigError becomes one line on stderr and exit code 2."""
-    import functools
-    import sys
 
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:

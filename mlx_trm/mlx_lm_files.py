@@ -74,6 +74,7 @@ def hf_tokenizer(tokenizer: SentencePieceTokenizer) -> Any:
     piece's id. No pre-tokenizer: SentencePiece does not split either, and "\\n" (a user-defined
     piece) is not an added token, so "\\nX" still gets SentencePiece's single leading "▁".
     """
+    # tokenizers comes with mlx-lm's transformers, not with mlx-trm itself
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     sp = tokenizer._sp

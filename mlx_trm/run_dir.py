@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import fcntl  # POSIX, as MLX itself (macOS, Linux)
 import json
 import os
 import shutil
@@ -57,8 +58,6 @@ class RunLock:
         self.stale: dict | None = None  # what a crashed run left in the file, if it did
 
     def __enter__(self) -> RunLock:
-        import fcntl  # POSIX only, as MLX (macOS, Linux)
-
         self.created_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         while True:

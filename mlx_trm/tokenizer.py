@@ -1,6 +1,6 @@
 """Tokenizers: the packaged SentencePiece BPE and the reference's ``gpt-neo-10k``.
 
-Conventions shared by both (the reference's, seed-reference §10):
+Conventions shared by both (the reference's):
 
 - id 0 is end-of-story, padding and "unknown" at once; the data pipeline appends it after each
   story and masks it from the loss. ``encode`` never adds BOS or EOS, ``decode`` drops id 0.
