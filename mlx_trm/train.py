@@ -220,6 +220,14 @@ def _init_wandb(config: Config) -> Any:
 # ---------------------------------------------------------------------------------- its pieces
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while the run was being set up (``signum`` says which)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (``timeout``, a batch scheduler, ``docker stop``).
 
@@ -245,7 +253,7 @@ class StopSignals:
 
     def _interrupt(self, signum: int, frame: Any) -> None:
         self.received = signum
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
 
     def _record(self, signum: int, frame: Any) -> None:
         self.received = signum
@@ -255,7 +263,7 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def evaluate_now(run: Run, step: int, progress: TrainProgress) -> None:
+def evaluate_now(run: Run, step: int, note: Callable[[str], None]) -> None:
     """Evaluate, log the record, and say so (with the collapse note the first time)."""
     if step in run.evaluated:  # the last periodic evaluation may fall on the final step
         return
@@ -264,16 +272,17 @@ def evaluate_now(run: Run, step: int, progress: TrainProgress) -> None:
     run.log.write({"step": step, "sequences": run.state["sequences_seen"], "split": "validation",
                    **{f"val_{k}": v for k, v in result.items()}})
     label = "final" if step == run.stop_at and step > 0 else f"step {step}"
-    progress.note(f"{label}: val token CE {result['token_ce']:.4f}, "
-                  f"ppl {result['perplexity']:.1f}")
+    note(f"{label}: val token CE {result['token_ce']:.4f}, ppl {result['perplexity']:.1f}")
     if result["latent_spread"] < COLLAPSED_SPREAD and first_collapse and step > 0:
-        progress.note(f"step {step}: latent spread {result['latent_spread']:.1e}. "
-                      f"{COLLAPSE_NOTE}")
+        note(f"step {step}: latent spread {result['latent_spread']:.1e}. {COLLAPSE_NOTE}")
 
 
 def save_now(run: Run) -> None:
-    """Write the checkpoint (rank 0), unless the one on disk already holds this step."""
-    if run.leader and run.state["step"] != run.saved_step and run.carry is not None:
+    """Write the checkpoint (rank 0), unless the one on disk holds this step or nothing was
+    trained yet."""
+    if run.state["step"] == run.saved_step or run.carry is None:
+        return
+    if run.leader:
         save_checkpoint(run.out_dir, run.model, run.tokenizer, run.optimizer, run.carry,
                         run.state, run.config)
     run.saved_step = run.state["step"]
@@ -324,7 +333,7 @@ def train_loop(run: Run, signals: StopSignals) -> None:
     window_start, window_steps = time.perf_counter(), 0
     with progress:
         if state["step"] == 0 and run.eval_set is not None:
-            evaluate_now(run, 0, progress)
+            evaluate_now(run, 0, progress.note)
         while state["step"] < run.stop_at and signals.received is None:
             epoch, index, inputs, labels = next(run.batches)
             inputs = mx.array(inputs[rank::size] if size > 1 else inputs)
@@ -365,7 +374,7 @@ def train_loop(run: Run, signals: StopSignals) -> None:
                 progress.update(step, None)
             if run.eval_set is not None and due(tc.eval_interval_sequences, seen,
                                                 state["sequences_seen"]):
-                evaluate_now(run, step, progress)
+                evaluate_now(run, step, progress.note)
             if due(tc.checkpoint_interval_sequences, seen, state["sequences_seen"]):
                 save_now(run)
 
@@ -401,8 +410,7 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
                         f"{run.saved_step}; resume with train.resume=true")
             raise SystemExit(128 + signals.received)
         if run.eval_set is not None and run.state["step"] >= run.stop_at:
-            with TrainProgress(1, enabled=run.leader and not quiet) as progress:
-                evaluate_now(run, run.state["step"], progress)
+            evaluate_now(run, run.state["step"], run.say)
     run.say(f"saved {run.model_dir}")
     return run.model_dir
 
@@ -420,9 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, args.overrides)
     try:
         train(config, quiet=args.quiet)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the run was being set up
-        print("error: interrupted before the first step; nothing was written", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while the run was being set up
+        print("error: interrupted before the first step; nothing was trained", file=sys.stderr)
+        raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -23,7 +23,7 @@ from mlx_trm.checkpoint import load, save
 from mlx_trm.config import ConfigError
 from mlx_trm.run_dir import RunLock, checkpoint_step, recover_checkpoint
 from mlx_trm.train import train
-from tests.conftest import ROOT, save_small_model
+from tests.conftest import CONFIGS, ROOT, save_small_model
 from tests.test_train import cli_overrides, losses, read_metrics, small_run_config
 
 
@@ -303,7 +303,7 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     assert not (tmp_path / "term/train.lock").exists()
 
 
-def test_ctrl_c_before_the_first_step(tmp_path, monkeypatch):
+def test_ctrl_c_before_the_first_step(tmp_path, monkeypatch, capsys):
     real_defer = train_module.StopSignals.defer
 
     def defer_then_ctrl_c(self):
@@ -312,8 +312,9 @@ def test_ctrl_c_before_the_first_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module.StopSignals, "defer", defer_then_ctrl_c)
     with pytest.raises(SystemExit) as e:  # a new run: nothing to save
-        train(quick(tmp_path, "early"), quiet=True)
+        train(quick(tmp_path, "early"), quiet=False)
     assert e.value.code == 130 and not (tmp_path / "early/model").exists()
+    assert "SIGINT before the first step: nothing to save" in capsys.readouterr().err
     monkeypatch.undo()
     train(quick(tmp_path, "early2"), quiet=True, max_steps=2)
     weights = tmp_path / "early2/model/model.safetensors"
@@ -322,4 +323,11 @@ def test_ctrl_c_before_the_first_step(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:  # a resumed run: its checkpoint stays as it was
         train(quick(tmp_path, "early2", "train.resume=true"), quiet=True)
     assert e.value.code == 130 and weights.stat().st_mtime_ns == mtime
+    # during the set-up (data, model): one line from the CLI
+    monkeypatch.setattr(train_module, "setup_run", lambda *a, **k: os.kill(os.getpid(),
+                                                                            signal.SIGTERM))
+    with pytest.raises(SystemExit) as e:
+        train_module.main(["--config", str(CONFIGS / "trm_tinystories_1m.yaml"),
+                           f"out_dir={tmp_path}/setup"])
+    assert e.value.code == 143 and "interrupted before the first step" in capsys.readouterr().err
     assert not (tmp_path / "early2/train.lock").exists()
