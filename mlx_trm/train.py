@@ -84,7 +84,8 @@ class Run:
     n_steps: int  # the schedule's length
     stop_at: int  # where this call stops (n_steps, or earlier in tests)
     log: MetricsLog
-    say: Callable[..., None]
+    say: Callable[..., None]  # progress messages (not with quiet)
+    warn: Callable[..., None]  # what was repaired or dropped (always, on rank 0)
     quiet: bool
     saved_step: int | None = None  # the step the checkpoint on disk holds
     evaluated: dict[int, dict] = field(default_factory=dict)
@@ -135,8 +136,9 @@ def setup_run(config: Config, *, quiet: bool = False, max_steps: int | None = No
     world = mx.distributed.init()
     rank, size = world.rank(), world.size()
     leader = rank == 0
-    say = (lambda *a: print(*a, file=sys.stderr)) if leader and not quiet else (lambda *a: None)
-    changed = decide_resume(config, leader, say)
+    warn = (lambda *a: print(*a, file=sys.stderr)) if leader else (lambda *a: None)
+    say = warn if not quiet else (lambda *a: None)
+    changed = decide_resume(config, leader, warn)
     if leader:
         warn_if_slow_blas()
 
@@ -183,7 +185,7 @@ def setup_run(config: Config, *, quiet: bool = False, max_steps: int | None = No
         stop_at=min(n_steps, max_steps) if max_steps else n_steps,
         log=MetricsLog(out_dir / METRICS_FILE if leader else None,
                        _init_wandb(config) if leader else None),
-        say=say, quiet=quiet, saved_step=state["step"] if carry is not None else None)
+        say=say, warn=warn, quiet=quiet, saved_step=state["step"] if carry is not None else None)
     if carry is not None:
         say(f"resuming {model_dir} at step {state['step']}")
     if leader and state["step"] < n_steps:  # a finished run is left exactly as it is
@@ -197,7 +199,7 @@ def start_run_files(run: Run, changed: dict) -> None:
     step = run.state["step"]
     write_config_yaml(run.out_dir, run.config, resuming=step > 0)
     if dropped := trim_metrics(run.out_dir / METRICS_FILE, step):
-        run.say(f"{run.out_dir}: dropped {dropped} metrics records past step {step} (the "
+        run.warn(f"{run.out_dir}: dropped {dropped} metrics records past step {step} (the "
                 "interrupted run's; they are logged again)")
     if step > 0:
         run.log.write({"step": step, "sequences": run.state["sequences_seen"], "resumed": True,
@@ -392,7 +394,7 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
     with StopSignals() as signals, lock:
         run = setup_run(config, quiet=quiet, max_steps=max_steps)
         if isinstance(lock, RunLock) and lock.stale:
-            run.say(f"{lock.path} was left by pid {lock.stale.get('pid')}, which is gone (it "
+            run.warn(f"{lock.path} was left by pid {lock.stale.get('pid')}, which is gone (it "
                     "crashed or was killed): taken over")
         if run.state["step"] >= run.n_steps:  # nothing to train: leave the run as it is
             run.say(f"{run.model_dir} already finished all {run.n_steps} steps")
