@@ -207,8 +207,8 @@ def test_a_run_learns_and_logs_evaluations(tmp_path):
 
 def test_latent_spread_detects_a_collapsed_model():
     from mlx_trm.config import ModelConfig
+    from mlx_trm.evaluate import evaluate_batches, make_eval_fn
     from mlx_trm.models import build_model
-    from mlx_trm.train import evaluate_batches, make_eval_fn
 
     mx.random.seed(0)
     model = build_model(ModelConfig(vocab_size=64, hidden_size=16, num_heads=2, expansion=2,
@@ -233,9 +233,10 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):
     config = small_run_config(tmp_path, "nan", "train.lr=1e30", "train.max_steps=50",
                               "train.checkpoint_interval_sequences=4", "train.grad_clip_norm=1e30",
                               "train.eval_interval_sequences=null", "train.lr_warmup_percent=0")
-    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    with pytest.raises(FloatingPointError, match=r"holds the step-\d+ checkpoint") as e:
         train(config, quiet=True)
     state = json.loads((tmp_path / "nan/model/train_state/state.json").read_text())
+    assert f"step-{state['step']} checkpoint" in str(e.value)
     from mlx_trm.checkpoint import load
 
     model, _ = load(tmp_path / "nan")
