@@ -313,10 +313,13 @@ class AdaptiveDecoder:
 
     def __init__(self, model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, *,
                  policy: HaltPolicy, compile: bool = True, prefill_step_size: int = 512):
-        from .generate import left_pad
-
         self.model, self.policy, self.compile = model, policy, compile
-        self.tokens, padding = left_pad(prompts)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("a prompt is empty (no tokens); the model adds no BOS, so "
+                              "generation needs at least one prompt token")
+        L = max(len(p) for p in prompts)  # left-padded with id 0, as generate's decoders
+        padding = [L - len(p) for p in prompts]
+        self.tokens = mx.array([[0] * n + list(p) for n, p in zip(padding, prompts)], mx.int32)
         self.written = 0  # columns written so far
         room = min(max_tokens, 8 * CACHE_BLOCK) if max_tokens > 0 else CACHE_BLOCK
         self.capacity = -(-(self.tokens.shape[1] + room) // CACHE_BLOCK) * CACHE_BLOCK

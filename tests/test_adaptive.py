@@ -3,10 +3,10 @@ is today's fixed depth, halted tokens skip their steps, bad flags get one-line e
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlx.core as mx
 from mlx_trm.adaptive import AdaptiveDecoder, adaptive_forward, evaluate_adaptive, halt_policy
 from mlx_trm.config import ConfigError
 from tests.conftest import save_small_model
@@ -55,7 +55,7 @@ def test_adaptive_decoding_equals_teacher_forced_evaluation(kind, criterion):
 
 
 @pytest.mark.parametrize("criterion", ["kl", "latent"])
-def test_threshold_zero_is_todays_fixed_depth_exactly(criterion, tmp_path):
+def test_threshold_zero_is_todays_fixed_depth_exactly(criterion):
     model = act_model("dense_act", halt_max_steps=3)
     policy = halt_policy(model, criterion, 0.0)
     logits, steps = adaptive_forward(model, mx.array(ROWS), policy)
