@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="mlx_trm.chat",
         description="Write a story together with a TRM model (reads lines from standard input).")
     add_model_arguments(parser)
-    parser.add_argument("--max-tokens", "-m", type=int, default=200,
-                        help="new tokens per reply at most")
+    parser.add_argument("--max-tokens", "-m", type=int, default=None,
+                        help="new tokens per reply at most (default: 200, or half the model's "
+                             "seq_len if that is less, so the story so far keeps room)")
     add_sampling_arguments(parser, temp=0.7, top_k=40)
     parser.add_argument("--stats", action="store_true", help="statistics after each reply")
     parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
@@ -177,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_for_generation(args)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    session = StorySession(model, tokenizer, max_tokens=args.max_tokens, temp=args.temp,
+    max_tokens = args.max_tokens
+    if max_tokens is None:  # 200, unless that leaves the story so far too little room
+        max_tokens = max(1, min(200, model.args.seq_len // 2))
+    session = StorySession(model, tokenizer, max_tokens=max_tokens, temp=args.temp,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                            compile=not args.no_compile,
                            halt_policy=policy_from_args(model, args))

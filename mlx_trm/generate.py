@@ -272,6 +272,12 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop" (end-of-story) or "length" on the last response
 
 
+def fit_max_tokens(model: nn.Module, prompt_tokens: int, max_tokens: int | None) -> int:
+    """``max_tokens`` as asked, or by default what the trained length leaves after the prompt
+    (at least 1: a prompt of exactly ``seq_len`` tokens still gets one, with the warning)."""
+    return max_tokens if max_tokens is not None else max(1, model.args.seq_len - prompt_tokens)
+
+
 def check_length(model: nn.Module, prompt_tokens: int, max_tokens: int) -> str | None:
     """Refuse a prompt longer than the trained length; return a warning if generation runs past
     it (RoPE extrapolates, but no position beyond ``seq_len`` was ever trained)."""
@@ -498,6 +504,7 @@ def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
                 sampler: Sampler, policy: Any = None) -> None:
     prompts = read_prompts(args.prompts_file)
     longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
+    args.max_tokens = fit_max_tokens(model, longest, args.max_tokens)
     warning = check_length(model, longest, args.max_tokens)
     if warning:
         print(warning, file=sys.stderr)
@@ -535,8 +542,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Continue a story with a (recursive) TRM model, mlx-lm style.")
     add_model_arguments(parser)
     parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
-    parser.add_argument("--max-tokens", "-m", type=int, default=256,
-                        help="new tokens at most (stops earlier at end-of-story)")
+    parser.add_argument("--max-tokens", "-m", type=int, default=None,
+                        help="new tokens at most (stops earlier at end-of-story; default: what "
+                             "the model's seq_len leaves after the prompt)")
     add_sampling_arguments(parser)
     parser.add_argument("--no-cache", action="store_true",
                         help="re-run the whole sequence per token, as the reference (slow)")
@@ -552,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="print the model, its cache slots and the BLAS first")
     add_adaptive_arguments(parser)
     args = parser.parse_args(argv)
-    if args.max_tokens == 0 or args.max_tokens < -1:
+    if args.max_tokens is not None and (args.max_tokens == 0 or args.max_tokens < -1):
         raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
 
     warn_if_slow_blas()
@@ -571,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
         return _batch_main(args, model, tokenizer, sampler, policy)
 
     ids = encode_prompt(tokenizer, args.prompt)
+    args.max_tokens = fit_max_tokens(model, len(ids), args.max_tokens)
     warning = check_length(model, len(ids), args.max_tokens)
     if warning:
         print(warning, file=sys.stderr)

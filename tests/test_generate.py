@@ -441,6 +441,20 @@ def test_cli_batch_mode_writes_json_lines(model_dir, tmp_path, capsys):
     assert len(captured.out.splitlines()) == 3 and "Generation: " in captured.err
 
 
+def test_cli_default_max_tokens_fill_the_trained_length_without_a_warning(model_dir, capsys):
+    """No --max-tokens: what seq_len (48) leaves after the prompt, so no extrapolation warning;
+    an explicit --max-tokens past it keeps the one warning."""
+    prompt_tokens = len(load(model_dir)[1].encode("Once upon a time"))
+    captured = run_cli(capsys, ["--model", str(model_dir), "--ignore-eos"])
+    assert f"Generation: {48 - prompt_tokens} tokens, " in captured.out
+    assert "warning" not in captured.err
+    captured = run_cli(capsys, ["--model", str(model_dir), "--ignore-eos", "--max-tokens", "50"])
+    assert "Generation: 50 tokens, " in captured.out
+    assert [line for line in captured.err.splitlines() if "warning" in line] == [
+        f"warning: prompt ({prompt_tokens}) + max tokens (50) go past the trained length 48; "
+        "later positions are extrapolated"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", "word " * 60], "at most 48"),
     (["--prompt", ""], "empty"),
