@@ -173,14 +173,22 @@ def lm_logits(model: Any, z_H: mx.array) -> mx.array:
     return model.embed_tokens.as_linear(final_norm(model, z_H))
 
 
-def initial_state(model: Any, policy: HaltPolicy, shape: tuple[int, ...]) -> dict:
-    """Latents at H_init / L_init; ``logp`` (kl only) is step 0's read-out of H_init."""
+def initial_state(model: Any, policy: HaltPolicy, shape: tuple[int, ...],
+                  logp0: mx.array | None = None) -> dict:
+    """Latents at H_init / L_init; ``logp`` (kl only) is step 0's read-out of H_init (the same
+    for every position: pass it as ``logp0`` once computed)."""
     z_H, z_L = model.initial_latents(*shape)
     state = {"z_H": z_H, "z_L": z_L}
     if policy.criterion == "kl":
-        logp = lm_logits(model, model.H_init.reshape(1, -1))[0]
-        state["logp"] = mx.broadcast_to(logp - mx.logsumexp(logp), (*shape, logp.shape[0]))
+        logp0 = step0_logp(model) if logp0 is None else logp0
+        state["logp"] = mx.broadcast_to(logp0, (*shape, logp0.shape[0]))
     return state
+
+
+def step0_logp(model: Any) -> mx.array:
+    """Log-probabilities [V] read out of H_init: the "previous step" of ACT step 1 for kl."""
+    logits = lm_logits(model, model.H_init.reshape(1, -1))[0]
+    return logits - mx.logsumexp(logits)
 
 
 def halt_signal(model: Any, policy: HaltPolicy, z_new: mx.array, state: dict
@@ -328,6 +336,7 @@ class AdaptiveDecoder:
         self.keys = [[None] * S for _ in range(policy.max_steps)]
         self.values = [[None] * S for _ in range(policy.max_steps)]
         self.prefill_step_size = prefill_step_size
+        self._logp0 = step0_logp(model) if policy.criterion == "kl" else None
 
     def prefill(self) -> mx.array:
         L, n = self.tokens.shape[1], self.prefill_step_size
@@ -355,7 +364,7 @@ class AdaptiveDecoder:
         window = min(window, self.capacity)
         index = mx.array(self.written, dtype=mx.int32)
         step = self._step_fn(prompt)
-        state = initial_state(model, policy, x.shape)
+        state = initial_state(model, policy, x.shape, self._logp0)
         lasts, done = None, N
         for k in range(N):
             n_active = active.sum().item()  # the sync that lets a halted token skip its steps
