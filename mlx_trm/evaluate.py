@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 from rich.progress import Progress
 
+from .adaptive import add_adaptive_arguments, evaluate_adaptive, policy_from_args
 from .blas import warn_if_slow_blas
 from .checkpoint import load
 from .config import ConfigError, cli_errors
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--halt-max-steps", type=int, default=None,
                         help="test-time ACT steps (default: the model's)")
     parser.add_argument("--l-cycles", type=int, default=None, help="test-time L_cycles")
+    add_adaptive_arguments(parser)
     args = parser.parse_args(argv)
     warn_if_slow_blas()
     overrides = {k: v for k, v in (("halt_max_steps", args.halt_max_steps),
@@ -149,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load(args.model, model_config=overrides)
     if args.tokenizer is not None or tokenizer is None:
         tokenizer = load_tokenizer(args.tokenizer)
+    policy = policy_from_args(model, args)
+    if policy is not None:  # the same per-token halting as generation, teacher-forced
+        return _print_adaptive(evaluate_adaptive(
+            model, tokenizer, args.data, policy, split=args.split, batch_size=args.batch_size,
+            seq_len=args.seq_len, max_stories=args.max_stories))
     result = evaluate_model(model, tokenizer, args.data, split=args.split,
                             batch_size=args.batch_size, seq_len=args.seq_len,
                             max_stories=args.max_stories, progress=sys.stderr.isatty())
@@ -160,6 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"latent spread: {result['latent_spread']:.3g}")
     if result["latent_spread"] < COLLAPSED_SPREAD:
         print(COLLAPSE_NOTE)
+
+
+def _print_adaptive(result: dict) -> None:
+    print(f"stories: {result['stories']}, predicted tokens: {result['tokens']}")
+    print(f"token cross-entropy: {result['token_ce']:.4f} nats")
+    print(f"perplexity: {result['perplexity']:.2f}")
+    print(f"accuracy: {result['accuracy']:.4f}")
+    print(f"ACT steps per token: {result['act_steps_per_token']:.2f}")
 
 
 if __name__ == "__main__":
