@@ -201,7 +201,8 @@ def _training_record(model_dir: Path) -> tuple[dict[str, Any] | None, int | None
     if provenance.is_file():
         record = json.loads(provenance.read_text())
         last = record.get("last_evaluation") or {}
-        return record.get("training_config"), last.get("step"), last.get("sequences")
+        return (record.get("training_config"), record.get("step", last.get("step")),
+                record.get("sequences", last.get("sequences")))
     return None, None, None
 
 
