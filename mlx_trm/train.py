@@ -35,6 +35,7 @@ from .blas import warn_if_slow_blas
 from .checkpoint import load_weights_strict, save, write_json_atomic
 from .config import Config, ConfigError, TrainConfig, cli_errors, load_config
 from .evaluate import COLLAPSE_NOTE, COLLAPSED_SPREAD
+from .memory import fit_memory
 from .models import Model, act_loss, act_step, build_model, initial_carry
 from .models.moe import expert_counts, moe_entropy_reg, renorm_selectors, update_expert_bias
 
@@ -270,7 +271,8 @@ def _init_wandb(config: Config) -> Any:
 
 # Settings that do not change the trained weights: a resumed run may change them.
 NOT_TRAINING = {"resume", "eval_interval_sequences", "eval_batches", "log_interval",
-                "checkpoint_interval_sequences", "compile", "wandb", "wandb_project"}
+                "checkpoint_interval_sequences", "compile", "checkpoint_activations", "wandb",
+                "wandb_project"}
 
 
 def check_same_training(out_dir: Path, config: Config) -> None:
@@ -350,6 +352,7 @@ def train(config: Config, *, quiet: bool = False, max_steps: int | None = None) 
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     log = MetricsLog(out_dir / "metrics.jsonl" if leader else None,
                      _init_wandb(config) if leader else None)
+    fit_memory(model, config, size, warn=leader)  # activation checkpointing, or a warning
     step_fns = make_step_functions(model, optimizer, tc, world, compile=tc.compile)
     # ACT warm-up: the first steps run one ACT step per batch, like a model without ACT, so
     # the latents learn to carry the input before the carry can pin them to one vector.
