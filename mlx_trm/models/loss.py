@@ -16,10 +16,10 @@ from typing import Any
 
 import mlx.core as mx
 
-# Rows per chunk. Each chunk's logits are [CHUNK_ROWS, V]: 4096 x 10k float32 is 164 MB. The
+# Rows per chunk. Each chunk's logits are [CHUNK_ROWS, V]: 2048 x 10k float32 is 82 MB. The
 # matmuls stay large enough to run at full speed on Metal, and on the CPU a chunk this size is
 # as fast as the whole batch at once (benchmarks/README.md, "Memory").
-CHUNK_ROWS = 4096
+CHUNK_ROWS = 2048
 
 
 @mx.custom_function

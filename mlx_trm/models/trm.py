@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from . import recompute
 from .cache import KVCache
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
 from .loss import CHUNK_ROWS, chunked_cross_entropy, cross_entropy, linear_cross_entropy
@@ -88,30 +89,28 @@ class MoEUTBlock(nn.Module):
 def apply_layer(layer: nn.Module, h: mx.array, cache: Any, record: list | None,
                 checkpoint: bool) -> mx.array:
     """``layer(h, cache, record)``; with ``checkpoint`` the backward pass recomputes the layer's
-    activations from its input instead of keeping them (``mx.checkpoint``).
+    activations from its input instead of keeping them (models/recompute.py).
 
     At 64 x 512 tokens one dense TRM layer application keeps ~0.7 GB for its backward (the
     2 x 1024-wide SwiGLU and the attention) and the back-propagated cycle has 14 of them; a
-    checkpointed application keeps only its [B, T, D] input. MoE router calls are returned
-    from the checkpointed function so the record still sees them (they are small).
+    checkpointed application keeps only its [B, T, D] input and output. MoE router logits are
+    outputs of the checkpointed function so the record still sees them.
     """
     if not checkpoint or cache is not None:
         return layer(h, cache, record)
-    if record is None:
-        return nn.utils.checkpoint(layer)(h)
     calls: list[tuple[nn.Module, str, mx.array]] = []
 
-    def run(x: mx.array) -> tuple[mx.array, list[mx.array]]:
-        local: list = []
+    def run(x: mx.array) -> tuple[mx.array, ...]:
+        local: list | None = [] if record is not None else None
         out = layer(x, None, local)
-        # The expert indices (integers, no gradient) leave by the side: mx.checkpoint only
-        # returns differentiable outputs correctly.
-        calls[:] = [(module, name, idx) for module, name, _, idx in local]
-        return out, [logits for _, _, logits, _ in local]
+        # The expert indices (integers, no gradient) leave by the side.
+        calls[:] = [(module, name, idx) for module, name, _, idx in local or []]
+        return (out, *(logits for _, _, logits, _ in local or []))
 
-    out, logits = nn.utils.checkpoint(layer, run)(h)
-    record.extend((module, name, router_logits, idx)
-                  for (module, name, idx), router_logits in zip(calls, logits))
+    out, *logits = recompute.checkpoint(layer, run)(h)
+    if record is not None:
+        record.extend((module, name, router_logits, idx)
+                      for (module, name, idx), router_logits in zip(calls, logits))
     return out
 
 
