@@ -150,3 +150,24 @@ def test_checkpoint_activations_setting_is_typed(tmp_path):
     assert load_config(path, ["train.checkpoint_activations=true"]).train.checkpoint_activations
     with pytest.raises(ConfigError, match="checkpoint_activations must be bool"):
         load_config(path, ["train.checkpoint_activations=sometimes"])
+
+
+def activation_peak(model, rows=2, seq_len=256) -> int:
+    from mlx_trm.memory import _probe_peak
+
+    return _probe_peak(model, rows, seq_len, chunk_rows=64)
+
+
+def test_checkpointing_keeps_about_one_layer_application_alive():
+    """12 back-propagated layer applications; recomputing keeps ~one's activations at a time."""
+    model = small_model(hidden_size=32, expansion=8, L_cycles=5, H_cycles=1)
+    stored = activation_peak(model)
+    model.checkpoint_activations = True
+    assert activation_peak(model) < stored / 3
+
+
+def test_no_gradient_cycles_hold_no_activations():
+    """H_cycles=3 runs two more cycles without gradient: the peak stays that of H_cycles=1."""
+    one = activation_peak(small_model(hidden_size=32, expansion=8, L_cycles=3, H_cycles=1))
+    three = activation_peak(small_model(hidden_size=32, expansion=8, L_cycles=3, H_cycles=3))
+    assert three < one * 1.15
