@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from .config import Config
 from .models import Model, act_loss, act_step, initial_carry
-from .models.loss import CHUNK_ROWS
+from .models.loss import plan_chunk_rows
 from .models.moe import moe_entropy_reg
 
 GB = 1e9
@@ -71,9 +71,13 @@ def _probe_peak(model: Model, rows: int, seq_len: int, chunk_rows: int) -> int:
 
 def step_peak(model: Model, micro_rows: int, seq_len: int) -> tuple[float, float]:
     """(fixed bytes, bytes per row) of a training step, measured on 1 and 2 rows."""
-    run_chunk = min(CHUNK_ROWS, micro_rows * seq_len)
-    peaks = [_probe_peak(model, r, seq_len, max(1, round(run_chunk * r / micro_rows)))
-             for r in (1, 2)]
+    run_rows = micro_rows * seq_len
+    run_chunk = plan_chunk_rows(run_rows, model.args.vocab_size)
+
+    def probe_chunk(r: int) -> int:  # the run's loss path, its chunk scaled with the rows
+        return r * seq_len if run_chunk >= run_rows else max(1, round(run_chunk * r / micro_rows))
+
+    peaks = [_probe_peak(model, r, seq_len, probe_chunk(r)) for r in (1, 2)]
     per_row = max(peaks[1] - peaks[0], 0)
     return peaks[0] - per_row, per_row
 

@@ -20,6 +20,15 @@ import mlx.core as mx
 # matmuls stay large enough to run at full speed on Metal, and on the CPU a chunk this size is
 # as fast as the whole batch at once (benchmarks/README.md, "Memory").
 CHUNK_ROWS = 2048
+# Up to this size the logits are kept whole and the backward reuses their softmax (no second
+# read-out matmul, no second exp): at 8 x 512 tokens and 10k ids they are 164 MB.
+KEEP_LOGITS_BYTES = 256 * 2**20
+
+
+def plan_chunk_rows(rows: int, vocab: int) -> int:
+    """Rows per loss chunk for ``rows`` rows: all of them (one chunk, nothing recomputed) when
+    their logits are small, else :data:`CHUNK_ROWS`."""
+    return rows if rows * vocab * 4 <= KEEP_LOGITS_BYTES else CHUNK_ROWS
 
 
 @mx.custom_function

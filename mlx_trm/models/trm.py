@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from . import recompute
 from .cache import KVCache
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
-from .loss import CHUNK_ROWS, chunked_cross_entropy, cross_entropy, linear_cross_entropy
+from .loss import chunked_cross_entropy, cross_entropy, linear_cross_entropy, plan_chunk_rows
 
 IGNORE_LABEL = -100
 
@@ -332,23 +332,31 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
 
 
 def token_cross_entropy(outputs: dict[str, Any], labels: mx.array,
-                        chunk_rows: int = CHUNK_ROWS) -> tuple[mx.array, mx.array]:
+                        chunk_rows: int | None = None) -> tuple[mx.array, mx.array]:
     """(per-token cross-entropy, arg-max prediction) of an ACT step's outputs.
 
     From ``hidden`` and ``head`` (what :func:`act_step` returns) in chunks of ``chunk_rows``
-    rows, so the [B, T, V] logits never exist; from ``logits`` when only those are given.
+    rows (default: ``plan_chunk_rows``), so large [B, T, V] logits never exist; from the whole
+    logits when one chunk holds every row, or when only ``logits`` are given.
     """
-    if "hidden" not in outputs:
-        logits = outputs["logits"].astype(mx.float32)
-        return cross_entropy(logits, labels), mx.argmax(logits, axis=-1)
-    hidden, head = outputs["hidden"].astype(mx.float32), outputs["head"]
-    weight = getattr(head, "embedding_weight", None)
-    if isinstance(head, TiedEmbedding) and isinstance(weight, mx.array):
-        return linear_cross_entropy(hidden, weight, labels, chunk_rows)
-    return chunked_cross_entropy(hidden, head, labels, chunk_rows)  # e.g. a quantized head
+    if "hidden" in outputs:
+        hidden, head = outputs["hidden"].astype(mx.float32), outputs["head"]
+        weight = getattr(head, "embedding_weight", None)
+        plain_weight = (isinstance(head, TiedEmbedding) and isinstance(weight, mx.array)
+                        and mx.issubdtype(weight.dtype, mx.floating))
+        vocab = weight.shape[0] if plain_weight else head.as_linear(hidden[:1, :1]).shape[-1]
+        rows = labels.size
+        chunk = chunk_rows or plan_chunk_rows(rows, vocab)
+        if chunk < rows and plain_weight:
+            return linear_cross_entropy(hidden, weight, labels, chunk)
+        if chunk < rows:  # another read-out (e.g. a quantized embedding): no weight gradient
+            return chunked_cross_entropy(hidden, head, labels, chunk)
+        outputs = {"logits": head.as_linear(hidden)}
+    logits = outputs["logits"].astype(mx.float32)
+    return cross_entropy(logits, labels), mx.argmax(logits, axis=-1)
 
 
-def act_loss(outputs: dict[str, Any], labels: mx.array, chunk_rows: int = CHUNK_ROWS
+def act_loss(outputs: dict[str, Any], labels: mx.array, chunk_rows: int | None = None
              ) -> tuple[mx.array, dict]:
     """The reference ACTLossHead, before division by the global batch size.
 
