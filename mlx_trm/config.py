@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -308,6 +310,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             raw.setdefault(section, {})[name] = value
         else:
             raw[name] = value
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A validated Config from a dict with model, train and data sections (and out_dir)."""
     for key in raw:
         if key not in (*SECTIONS, "out_dir"):
             raise _unknown_key(key, [*SECTIONS, "out_dir"], "the config")
@@ -322,8 +329,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 
 def cli_errors(main: typing.Callable[..., Any]) -> typing.Callable[..., Any]:
     """Wrap a CLI entry point: a ConfigError becomes one line on stderr and exit code 2."""
-    import functools
-    import sys
 
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:

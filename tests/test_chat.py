@@ -81,6 +81,20 @@ def test_story_session_slides_and_greedy_replies_continue_the_text(model_dir):
         list(session.reply(""))
 
 
+def test_default_max_tokens_fit_the_model(monkeypatch, capsys, model_dir):
+    """No --max-tokens: 200 per reply would not fit seq_len 40, so half of it is asked."""
+    asked = []
+
+    class Spy(chat.StorySession):
+        def set_max_tokens(self, n: int) -> None:
+            asked.append(n)
+            super().set_max_tokens(n)
+
+    monkeypatch.setattr(chat, "StorySession", Spy)
+    out = converse(monkeypatch, capsys, model_dir, "Once upon a time\n/quit\n")
+    assert asked == [20] and not any("error" in line for line in out)
+
+
 def test_chat_runs_from_a_pipe(model_dir):
     """python -m mlx_trm.chat with standard input from a pipe (not a terminal)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -26,7 +26,7 @@ from mlx_trm.models.moe import (
     switch_head_dense,
     update_expert_bias,
 )
-from tests.conftest import FIXTURES
+from tests.conftest import reference_cases
 
 ATOL = 1e-5
 
@@ -189,18 +189,19 @@ def test_names_and_shapes_match_reference_state_dict():
     assert {k: tuple(v.shape) for k, v in switch.items()} == expected_switch
 
 
-def test_reference_fixture_keys_match():
+@pytest.mark.parametrize("folder", reference_cases(["trm_tinystories_1m_moeut"]))
+def test_reference_fixture_keys_match(folder):
     torch = pytest.importorskip("torch")
-    path = FIXTURES / "trm_tinystories_1m_moeut" / "step_0.pt"
-    if not path.is_file():
-        pytest.skip(f"reference fixture {path} not found")
-    state = torch.load(path, weights_only=True)["model_state_dict"]
+    checkpoint = torch.load(folder / "step_0.pt", weights_only=True)
+    state, arch = checkpoint["model_state_dict"], checkpoint["config"]["arch"]
     prefix = "model.inner.L_level.layers.0."
     ref = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    d = arch["hidden_size"]
     ours = {f"mlp.{k}": tuple(v.shape) for k, v in
-            tree_flatten(SigmaMoE(64, 8, 192, 2, init_scale=0.378).parameters())}
+            tree_flatten(SigmaMoE(d, 8, arch["moe_ff_expert_size"], 2, init_scale=0.378)
+                         .parameters())}
     ours.update({f"self_attn.{k}": tuple(v.shape) for k, v in
-                 tree_flatten(SwitchHead(64, 1, 2, 1, init_scale=0.378).parameters())})
+                 tree_flatten(SwitchHead(d, 1, 2, 1, init_scale=0.378).parameters())})
     assert ours == ref
     # The reference's stored target std is the (unbiased) std of its renormalised selector.
     sel = state[prefix + "mlp.expert_sel"].double()
