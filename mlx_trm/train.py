@@ -36,6 +36,7 @@ from .blas import warn_if_slow_blas
 from .config import Config, ConfigError, TrainConfig, cli_errors, load_config
 from .data import eval_batches, load_split, stream_batches
 from .evaluate import COLLAPSE_NOTE, COLLAPSED_SPREAD, evaluate_batches, make_eval_fn
+from .memory import fit_memory
 from .models import Model, build_model, initial_carry
 from .progress import TrainProgress
 from .run_dir import (  # noqa: F401  (MODEL_SUBDIR, TRAIN_STATE: re-exported for scripts)
@@ -160,6 +161,7 @@ def setup_run(config: Config, *, quiet: bool = False, max_steps: int | None = No
     if tc.resume and (model_dir / TRAIN_STATE).exists():
         state, carry = load_train_state(model_dir, model, optimizer)
     mx.eval(model.parameters(), optimizer.state)
+    fit_memory(model, config, size, warn=leader)  # activation checkpointing, or a warning
     n_steps = total_steps(tc)
     # ACT warm-up: the first steps run one ACT step per batch, like a model without ACT, so
     # the latents learn to carry the input before the carry can pin them to one vector.

@@ -5,7 +5,7 @@ from .trm import Model, act_loss, act_step, initial_carry
 
 
 def build_model(config: ModelConfig) -> Model:
-    """A model initialised from the reference's distributions (seed-reference.md §2, §5, §6)."""
+    """A model initialised from the reference's distributions."""
     return Model(config)
 
 
