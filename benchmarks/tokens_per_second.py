@@ -46,6 +46,7 @@ from moe_layers import SHAPES, make_steps  # noqa: E402
 from mlx_trm.blas import FIX, loaded_blas  # noqa: E402
 from mlx_trm.config import load_config  # noqa: E402
 from mlx_trm.generate import generate_tokens  # noqa: E402
+from mlx_trm.memory import fit_memory  # noqa: E402
 from mlx_trm.models import build_model, initial_carry  # noqa: E402
 from mlx_trm.train import make_optimizer, make_step_functions, train_step  # noqa: E402
 
@@ -91,6 +92,14 @@ def environment() -> dict[str, Any]:
         "blas": loaded_blas() if on_cpu else "n/a (gpu)",
         "python": platform.python_version(),
     }
+
+
+def max_rss_gb() -> float:
+    """The process's largest resident set so far (ru_maxrss: KB on Linux, bytes on macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
 def load_average() -> float | None:
@@ -151,15 +160,25 @@ def config_path(name: str) -> str:
 # ---------------------------------------------------------------------------------- train
 
 
+CHECKPOINTING = {"auto": None, "on": True, "off": False}
+
+
 def bench_train(config: str, batch_size: int, seq_len: int, compile: bool, warmup: int,
-                repeats: int, env: dict[str, Any]) -> dict[str, Any]:
-    """The full optimizer step of ``mlx_trm.train`` on random tokens."""
+                repeats: int, env: dict[str, Any], checkpoint: str = "auto") -> dict[str, Any]:
+    """The full optimizer step of ``mlx_trm.train`` on random tokens.
+
+    ``checkpoint`` is ``train.checkpoint_activations`` (auto: as ``mlx_trm.train`` decides it
+    for this device, from the peak it measures on 1 and 2 rows).
+    """
     c = load_config(config_path(config), [f"model.seq_len={seq_len}",
                                           f"train.global_batch_size={batch_size}"])
+    c.train.checkpoint_activations = CHECKPOINTING[checkpoint]
     mx.random.seed(0)
     model = build_model(c.model)
     optimizer = make_optimizer(c.train)
     optimizer.init(model.trainable_parameters())
+    mx.eval(model.parameters(), optimizer.state)
+    fit = fit_memory(model, c, warn=False)
     step_fns = make_step_functions(model, optimizer, c.train, compile=compile)
     inputs = mx.random.randint(1, c.model.vocab_size, (batch_size, seq_len)).astype(mx.int32)
     labels = mx.random.randint(1, c.model.vocab_size, (batch_size, seq_len)).astype(mx.int32)
@@ -177,8 +196,13 @@ def bench_train(config: str, batch_size: int, seq_len: int, compile: bool, warmu
         return time.perf_counter() - start
 
     seconds, peak = time_runs(run, warmup, repeats)
-    return record("train", c.model.name, "compiled" if compile else "uncompiled", "step",
-                  batch_size, seq_len, batch_size * seq_len, seconds, peak, warmup, env)
+    variant = "compiled" if compile else "uncompiled"
+    if model.checkpoint_activations:
+        variant += " +ckpt"
+    return record("train", c.model.name, variant, "step", batch_size, seq_len,
+                  batch_size * seq_len, seconds, peak, warmup, env,
+                  checkpoint_activations=model.checkpoint_activations,
+                  estimated_peak_gb=fit["estimated_peak_gb"], max_rss_gb=max_rss_gb())
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -331,6 +355,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     parser.add_argument("--uncompiled", choices=("all", "none"), default="all",
                         help="train: also time the uncompiled step (default all)")
+    parser.add_argument("--checkpoint-activations", choices=tuple(CHECKPOINTING),
+                        default="auto",
+                        help="train: train.checkpoint_activations (default auto: on only when "
+                             "the step would not fit this device's memory without it)")
     parser.add_argument("--prompt-tokens", type=int, default=32,
                         help="generate: prompt length (default 32)")
     parser.add_argument("--max-tokens", type=int, default=128,
@@ -371,7 +399,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, Callable[..., Any], d
             for compiled in (True, False) if args.uncompiled == "all" else (True,):
                 jobs.append(("train", f"{config} {'compiled' if compiled else 'uncompiled'}",
                              bench_train, dict(config=config, batch_size=args.batch_size or 8,
-                                               seq_len=args.seq_len, compile=compiled, **timing)))
+                                               seq_len=args.seq_len, compile=compiled,
+                                               checkpoint=args.checkpoint_activations,
+                                               **timing)))
     if "generate" in suites:
         variants = [("cached", True, True, args.max_tokens),
                     ("cached-uncompiled", True, False, args.max_tokens),

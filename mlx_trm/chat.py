@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import mlx.core as mx
 import mlx.nn as nn
 
+from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
 from .blas import warn_if_slow_blas
 from .config import ConfigError, cli_errors
 from .generate import (
@@ -47,8 +48,9 @@ class StorySession:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_tokens: int = 200,
                  temp: float = 0.7, top_k: int = 40, top_p: float = 0.0, min_p: float = 0.0,
-                 compile: bool = True):
+                 compile: bool = True, halt_policy: Any = None):
         self.model, self.tokenizer = model, tokenizer
+        self.halt_policy = halt_policy  # mlx_trm.adaptive: per-token halting (None: all steps)
         self.top_k, self.top_p, self.min_p = top_k, top_p, min_p
         self.compile = compile
         self.context: list[int] = []
@@ -82,13 +84,21 @@ class StorySession:
         if len(self.context) > window:  # slide: keep the most recent tokens
             self.dropped += len(self.context) - window
             self.context = self.context[-window:]
+        if self.halt_policy is not None:  # steps per token of this reply
+            self.halt_policy.tokens = self.halt_policy.act_steps = 0
         for response in stream_generate(self.model, self.tokenizer, self.context,
                                         self.max_tokens, sampler=self.sampler,
-                                        compile=self.compile):
+                                        compile=self.compile, halt_policy=self.halt_policy):
             if response.finish_reason != "stop":
                 self.context.append(response.token)
             self.last = response
             yield response
+
+
+def print_session_stats(session: StorySession, file: TextIO) -> None:
+    print_stats(session.last, file=file)
+    if session.halt_policy is not None:
+        print(steps_line(session.halt_policy), file=file)
 
 
 def run_command(session: StorySession, line: str, out: TextIO) -> bool:
@@ -107,7 +117,7 @@ def run_command(session: StorySession, line: str, out: TextIO) -> bool:
             session.stats = not session.stats
             print(f"[statistics {'on' if session.stats else 'off'}]", file=out)
             if session.stats and session.last is not None:
-                print_stats(session.last, file=out)  # the last reply's, right away
+                print_session_stats(session, file=out)  # the last reply's, right away
         elif name == "/temp":
             session.set_temp(float(arg))
             print(f"[temperature {session.temp}]", file=out)
@@ -144,7 +154,7 @@ def repl(session: StorySession, stdin: TextIO, out: TextIO) -> None:
                 print(response.text, end="", file=out, flush=True)
             print(file=out)
             if session.stats and response is not None:
-                print_stats(response, file=out)
+                print_session_stats(session, file=out)
         except ConfigError as e:
             print(f"error: {e}", file=out)
 
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     add_sampling_arguments(parser, temp=0.7, top_k=40)
     parser.add_argument("--stats", action="store_true", help="statistics after each reply")
     parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    add_adaptive_arguments(parser)
     args = parser.parse_args(argv)
 
     warn_if_slow_blas()
@@ -172,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         max_tokens = max(1, min(200, model.args.seq_len // 2))
     session = StorySession(model, tokenizer, max_tokens=max_tokens, temp=args.temp,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                           compile=not args.no_compile)
+                           compile=not args.no_compile,
+                           halt_policy=policy_from_args(model, args))
     session.stats = args.stats
     repl(session, sys.stdin, sys.stdout)
 

@@ -1,16 +1,15 @@
 """Model directories: config.json + model.safetensors (+ tokenizer, + train_state/ to resume).
 
 Every write goes to a temporary sibling directory that is renamed into place, so a crash never
-leaves a half-written checkpoint, and the previous one survives until the new one is complete.
+leaves a half-written checkpoint, and the previous one survives until the new one is complete
+(``mlx_trm.files``). Loading names a truncated file or non-finite weights in one line.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ConfigError, ModelConfig, model_config_from_dict
+from .config import ConfigError, ModelConfig, dataclass_from_dict, model_config_from_dict
+from .files import atomic_write, write_atomic_dir
+from .mlx_lm_files import write_mlx_lm_files
+from .models import build_model
 from .quantize import quantize_skeleton
+from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,38 +33,59 @@ def model_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.parameters()))
 
 
-def write_atomic_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Let ``write`` fill a fresh temporary directory, then swap it in for ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a model dir is an ordinary folder
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (None when it is).
+
+    Reads only the header: 8 bytes of header length, a JSON header, then the data, whose end
+    is the largest ``data_offsets`` end. A file cut short by a crash or a full disk fails it.
+    """
     try:
-        write(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return "truncated (the header is cut short)"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"not a safetensors file ({type(e).__name__})"
+    if size < 8 + n + end:
+        return f"truncated ({size} of {8 + n + end} bytes)"
+    return None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+def read_safetensors(path: Path, fix: str) -> dict[str, mx.array]:
+    """``mx.load`` of a safetensors file, or a one-line ConfigError ending with ``fix``."""
+    if problem := safetensors_problem(path):
+        raise ConfigError(f"{path} is {problem}; {fix}")
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); {fix}") from None
+
+
+def nonfinite_weights(weights: dict[str, mx.array]) -> list[str]:
+    """Names of the floating-point arrays holding a NaN or an infinity."""
+    floats = {k: v for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
+    if not floats:
+        return []
+    flags = mx.stack([mx.all(mx.isfinite(v)) for v in floats.values()]).tolist()
+    return [k for k, ok in zip(floats, flags) if not ok]
+
+
+def require_finite(weights: dict[str, mx.array], source: Path) -> None:
+    """Refuse weights with a NaN or an infinity: every output of such a model is garbage."""
+    if bad := nonfinite_weights(weights):
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ConfigError(f"{source} holds NaN or infinite values in {len(bad)} of "
+                          f"{len(weights)} tensors ({names}): the run that wrote it diverged; "
+                          "use an earlier checkpoint or retrain with a lower train.lr")
 
 
 def model_config_json(config: ModelConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    from dataclasses import asdict
-
     data = {"model_type": "trm", **asdict(config)}
     data.update(extra or {})
     return data
@@ -71,13 +95,11 @@ def write_model_dir(dir: Path, model: nn.Module, tokenizer: Any = None,
                     extra_config: dict[str, Any] | None = None) -> None:
     """Write a model's config, weights and tokenizer into an existing directory."""
     config = model_config_json(model.args, extra_config)
-    write_json_atomic(dir / CONFIG_FILE, config)
+    atomic_write(dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     mx.save_safetensors(str(dir / WEIGHTS_FILE), model_weights(model), metadata={"format": "mlx"})
     if tokenizer is not None:
         tokenizer.save(dir)
-    from .interop import write_mlx_lm_files  # also an mlx-lm model (mlx_lm.generate/server)
-
-    write_mlx_lm_files(dir, config, tokenizer)
+    write_mlx_lm_files(dir, config, tokenizer)  # also an mlx-lm model (mlx_lm.generate/server)
 
 
 def save(path: str | Path, model: nn.Module, tokenizer: Any = None,
@@ -155,20 +177,17 @@ def load(path: str | Path, model_config: dict[str, Any] | None = None
     ``model_config`` overrides config fields at load time, e.g. ``{"halt_max_steps": 8}`` for more
     test-time refinement (the weights do not depend on it). Same signature as ``mlx_lm.load``.
     """
-    from .config import dataclass_from_dict
-    from .models import build_model
-
     path = resolve_model_dir(path)
     config, raw = read_model_config(path)
     if model_config:
-        from dataclasses import asdict
-
         config = dataclass_from_dict(ModelConfig, {**asdict(config), **model_config}, "model")
     model = build_model(config)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise ConfigError(f"{path} has no {WEIGHTS_FILE}; the directory is incomplete")
-    weights = mx.load(str(weights_file))
+    weights = read_safetensors(weights_file, "the file is damaged: save or convert the model "
+                               "again, or use an earlier checkpoint")
+    require_finite(weights, weights_file)
     quantize_skeleton(model, raw, weights)  # mlx_lm.convert -q directories
     load_weights_strict(model, weights, str(weights_file))
     mx.eval(model.parameters())
@@ -177,7 +196,5 @@ def load(path: str | Path, model_config: dict[str, Any] | None = None
 
 def load_dir_tokenizer(path: Path) -> Any:
     if (path / "tokenizer.model").is_file() or (path / "tokenizer.json").is_file():
-        from .tokenizer import load_tokenizer
-
         return load_tokenizer(str(path))
     return None

@@ -1,4 +1,4 @@
-"""TinyStories data: sources, a token cache and the reference's batches (seed-reference §10).
+"""TinyStories data: sources, a token cache and the reference's batches.
 
 Token cache: each (tokenizer, source, split, text field, max_stories) is tokenized once into
 ``<cache>/<name>-<split>-<key>/`` holding ``tokens.bin`` (uint16, every story's tokens followed by

@@ -13,10 +13,18 @@ import math
 import sys
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
+from rich.progress import Progress
 
+from .adaptive import add_adaptive_arguments, evaluate_adaptive, policy_from_args
 from .blas import warn_if_slow_blas
+from .checkpoint import load
 from .config import ConfigError, cli_errors
+from .data import iterate_batches, load_tokens, num_batches
+from .models import Model, act_loss, act_step, initial_carry
+from .sources import resolve_source
+from .tokenizer import load_tokenizer
 
 
 def predicted_bytes(tokenizer: Any, labels: np.ndarray) -> int:
@@ -37,16 +45,59 @@ COLLAPSE_NOTE = ("note: the latents have collapsed: every position reads out nea
                  "(benchmarks/results/README.md)")
 
 
+def make_eval_fn(model: Model, compile: bool = True):
+    """Evaluate one batch exactly as inference does (fresh carry, ``halt_max_steps`` steps).
+
+    Returns sums: the reference's eval loss (mean over ACT steps of total / B, q-halt BCE
+    included), the last step's token cross-entropy, token count and correct predictions, and
+    the latent spread: the share of the final z_H's variance that varies across positions and
+    rows. It falls to ~0 when a TRM collapses onto one read-out vector for every position (the
+    unigram plateau), long before the loss says why it stopped falling.
+    """
+
+    def eval_batch(inputs, labels):
+        B, T = inputs.shape
+        carry = initial_carry(model, B, T)
+        reference_loss = mx.array(0.0)
+        for _ in range(model.args.halt_max_steps):
+            carry, outputs = act_step(model, carry, inputs, labels, training=False)
+            total, metrics = act_loss(outputs, carry["labels"])
+            reference_loss = reference_loss + total / B
+        reference_loss = reference_loss / model.args.halt_max_steps
+        z_H = carry["z_H"]
+        spread = mx.mean(mx.square(z_H - z_H.mean(axis=(0, 1)))) / mx.mean(mx.square(z_H))
+        return (reference_loss, metrics["token_ce_sum"], metrics["n_tokens"], metrics["correct"],
+                spread)
+
+    return mx.compile(eval_batch, inputs=model.state) if compile else eval_batch
+
+
+def evaluate_batches(eval_fn, batches, world: Any = None) -> dict[str, float]:
+    """Aggregate over batches (and over ranks, each holding a slice of every batch)."""
+    sums = np.zeros(6)  # reference loss * rows, CE sum, tokens, correct, rows, spread * rows
+    for inputs, labels in batches:
+        ref, ce, n, correct, spread = eval_fn(mx.array(inputs), mx.array(labels))
+        rows = inputs.shape[0]
+        values = mx.stack([ref * rows, ce, n.astype(mx.float32), correct.astype(mx.float32),
+                           mx.array(float(rows)), spread * rows])
+        if world is not None and world.size() > 1:
+            values = mx.distributed.all_sum(values)
+        sums += np.array(values, dtype=np.float64)
+    token_ce = sums[1] / max(sums[2], 1.0)
+    return {
+        "token_ce": float(token_ce),
+        "perplexity": float(math.exp(min(token_ce, 50.0))),
+        "accuracy": float(sums[3] / max(sums[2], 1.0)),
+        "reference_eval_loss": float(sums[0] / max(sums[4], 1.0)),
+        "latent_spread": float(sums[5] / max(sums[4], 1.0)),
+        "tokens": int(sums[2]),
+    }
+
+
 def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "validation",
                    batch_size: int = 16, seq_len: int | None = None,
                    max_stories: int | None = None, text_field: str = "text",
                    progress: bool = True) -> dict[str, float]:
-    from rich.progress import Progress
-
-    from .data import iterate_batches, load_tokens, num_batches
-    from .sources import resolve_source
-    from .train import evaluate_batches, make_eval_fn
-
     seq_len = seq_len or model.args.seq_len
     try:
         source = resolve_source(data, split)
@@ -80,9 +131,6 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    from .checkpoint import load
-    from .tokenizer import load_tokenizer
-
     parser = argparse.ArgumentParser(prog="mlx_trm.evaluate",
                                      description="Held-out cross-entropy of a model directory.")
     parser.add_argument("--model", required=True, help="model directory (or run directory)")
@@ -95,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--halt-max-steps", type=int, default=None,
                         help="test-time ACT steps (default: the model's)")
     parser.add_argument("--l-cycles", type=int, default=None, help="test-time L_cycles")
+    add_adaptive_arguments(parser)
     args = parser.parse_args(argv)
     warn_if_slow_blas()
     overrides = {k: v for k, v in (("halt_max_steps", args.halt_max_steps),
@@ -102,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load(args.model, model_config=overrides)
     if args.tokenizer is not None or tokenizer is None:
         tokenizer = load_tokenizer(args.tokenizer)
+    policy = policy_from_args(model, args)
+    if policy is not None:  # the same per-token halting as generation, teacher-forced
+        return _print_adaptive(evaluate_adaptive(
+            model, tokenizer, args.data, policy, split=args.split, batch_size=args.batch_size,
+            seq_len=args.seq_len, max_stories=args.max_stories))
     result = evaluate_model(model, tokenizer, args.data, split=args.split,
                             batch_size=args.batch_size, seq_len=args.seq_len,
                             max_stories=args.max_stories, progress=sys.stderr.isatty())
@@ -113,6 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"latent spread: {result['latent_spread']:.3g}")
     if result["latent_spread"] < COLLAPSED_SPREAD:
         print(COLLAPSE_NOTE)
+
+
+def _print_adaptive(result: dict) -> None:
+    print(f"stories: {result['stories']}, predicted tokens: {result['tokens']}")
+    print(f"token cross-entropy: {result['token_ce']:.4f} nats")
+    print(f"perplexity: {result['perplexity']:.2f}")
+    print(f"accuracy: {result['accuracy']:.4f}")
+    print(f"ACT steps per token: {result['act_steps_per_token']:.2f}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
 from .blas import blas_threads, loaded_blas, warn_if_slow_blas
 from .config import ConfigError, cli_errors
 from .models.cache import BatchKVCache, CachePositions, grow_batch_cache, make_batch_cache
@@ -159,15 +160,24 @@ class FullForwardDecoder:
 
 def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_tokens: int = 256,
                     sampler: Sampler | None = None, use_cache: bool = True, compile: bool = True,
-                    prefill_step_size: int = 512) -> Iterator[tuple[mx.array, mx.array]]:
+                    prefill_step_size: int = 512, halt_policy: Any = None
+                    ) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield ``(tokens [B], logprobs [B, V])`` for a batch of prompts, one step at a time.
 
     ``max_tokens < 0`` is unbounded. The next step is queued before the current token is
     handed out (mlx-lm's pipelining), so Python overhead overlaps the computation.
+    ``halt_policy`` (mlx_trm.adaptive) halts each token's ACT steps on its own.
     """
     decoder_class = CachedDecoder if use_cache else FullForwardDecoder
+    kwargs = {}
+    if halt_policy is not None:
+        from .adaptive import AdaptiveDecoder
+
+        if not use_cache:
+            raise ConfigError("--adaptive-halt runs on the cache; drop --no-cache")
+        decoder_class, kwargs = AdaptiveDecoder, {"policy": halt_policy}
     decode = decoder_class(model, prompts, max_tokens, compile=compile,
-                           prefill_step_size=prefill_step_size)
+                           prefill_step_size=prefill_step_size, **kwargs)
     sampler = sampler or greedy
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -491,7 +501,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temp: float = 0.0,
 
 
 def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
-                sampler: Sampler) -> None:
+                sampler: Sampler, policy: Any = None) -> None:
     prompts = read_prompts(args.prompts_file)
     longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
     args.max_tokens = fit_max_tokens(model, longest, args.max_tokens)
@@ -500,7 +510,8 @@ def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
         print(warning, file=sys.stderr)
     result = batch_generate(model, tokenizer, prompts, args.max_tokens, batch_size=args.batch_size,
                             ignore_eos=args.ignore_eos, sampler=sampler,
-                            use_cache=not args.no_cache, compile=not args.no_compile)
+                            use_cache=not args.no_cache, compile=not args.no_compile,
+                            halt_policy=policy)
     settings = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
                 "min_p": args.min_p, "seed": args.seed,
                 "halt_max_steps": model.args.halt_max_steps, "L_cycles": model.args.L_cycles}
@@ -514,10 +525,14 @@ def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
         out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         print(f"wrote {len(lines)} stories to {out}")
         print_stats(result.stats)
+        if policy is not None:
+            print(steps_line(policy))
     else:  # JSON lines on stdout, statistics on stderr
         for line in lines:
             print(line)
         print_stats(result.stats, file=sys.stderr)
+        if policy is not None:
+            print(steps_line(policy), file=sys.stderr)
 
 
 @cli_errors
@@ -543,12 +558,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="batch mode: prompts at once")
     parser.add_argument("--verbose", action="store_true",
                         help="print the model, its cache slots and the BLAS first")
+    add_adaptive_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_tokens is not None and (args.max_tokens == 0 or args.max_tokens < -1):
         raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
 
     warn_if_slow_blas()
     model, tokenizer = load_for_generation(args)
+    policy = policy_from_args(model, args)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -559,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
               f"cache slots: {model.num_cache_slots if not args.no_cache else 'off'}, "
               f"compiled: {not args.no_cache and not args.no_compile}, BLAS: {loaded_blas()}")
     if args.prompts_file:
-        return _batch_main(args, model, tokenizer, sampler)
+        return _batch_main(args, model, tokenizer, sampler, policy)
 
     ids = encode_prompt(tokenizer, args.prompt)
     args.max_tokens = fit_max_tokens(model, len(ids), args.max_tokens)
@@ -571,11 +588,13 @@ def main(argv: list[str] | None = None) -> None:
     response = None
     for response in stream_generate(model, tokenizer, ids, args.max_tokens, sampler=sampler,
                                     ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
-                                    compile=not args.no_compile):
+                                    compile=not args.no_compile, halt_policy=policy):
         print(response.text, end="", flush=True)
     print()
     if response is not None:
         print_stats(response)
+        if policy is not None:
+            print(steps_line(policy))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 Sources (``data.path``):
 
+- ``tinystories-sample``: the TinyStories sample shipped in the package (``mlx_trm/assets/
+  tinystories``: 5,978 training and 1,477 validation stories, CDLA-Sharing-1.0), so a first run
+  needs no network and works from any working directory;
 - a hub dataset id (``roneneldan/TinyStories``), read with ``datasets`` (imported only then);
 - a file: ``.txt`` (stories separated by ``<|endoftext|>``; a file without one is one story),
   ``.jsonl`` (one object a line, the story in ``text_field``), ``.parquet`` (a ``text_field``
@@ -48,6 +51,10 @@ _SPLIT_WORDS = {"train": "train", "training": "train", "valid": "validation",
                 "test": "test"}
 _BLOCK = 8 << 20  # bytes read per step from a text file
 _CHUNK = 4096  # stories per read (and per tokenizer call in mlx_trm.data)
+
+# data.path naming the shipped sample (a local file or folder of that name wins)
+SAMPLE = "tinystories-sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "tinystories"
 
 # progress(stories_done, work_done, work_total): work is input bytes (files) or rows (hub)
 Progress = Callable[[int, float, float], None]
@@ -117,7 +124,8 @@ def _looks_like_hub_id(source: str) -> bool:
 def _missing(source: str) -> ConfigError:
     return ConfigError(
         f"data path {source!r} does not exist; set data.path to a .txt/.txt.xz/.jsonl/.parquet "
-        "file, a directory of them, or a hub dataset id such as roneneldan/TinyStories"
+        "file, a directory of them, a hub dataset id such as roneneldan/TinyStories, or "
+        f"{SAMPLE} (the sample shipped with mlx-trm)"
     )
 
 
@@ -183,7 +191,7 @@ def resolve_source(source: str | os.PathLike, split: str = "train",
     if split == "validation" and valid_path:
         return _resolve_as_is(str(valid_path), split)
     text = str(source)
-    path = Path(text).expanduser()
+    path = _local_path(text)
     if path.is_dir():
         return Source(text, split, tuple(_directory_files(path, split)))
     if path.is_file():
@@ -206,8 +214,14 @@ def resolve_source(source: str | os.PathLike, split: str = "train",
     raise _missing(text)
 
 
-def _resolve_as_is(text: str, split: str) -> Source:
+def _local_path(text: str) -> Path:
+    """``text`` as a path; the shipped sample's folder for ``tinystories-sample``."""
     path = Path(text).expanduser()
+    return SAMPLE_DIR if text == SAMPLE and not path.exists() else path
+
+
+def _resolve_as_is(text: str, split: str) -> Source:
+    path = _local_path(text)
     if path.is_dir():
         found = _scan(path)
         files = [p for p, tag in found if tag == split] or [p for p, _ in found]

@@ -1,6 +1,6 @@
 """Tokenizers: the packaged SentencePiece BPE and the reference's ``gpt-neo-10k``.
 
-Conventions shared by both (the reference's, seed-reference §10):
+Conventions shared by both (the reference's):
 
 - id 0 is end-of-story, padding and "unknown" at once; the data pipeline appends it after each
   story and masks it from the loss. ``encode`` never adds BOS or EOS, ``decode`` drops id 0.
@@ -10,7 +10,7 @@ Conventions shared by both (the reference's, seed-reference §10):
 The packaged default (``mlx_trm/assets/tokenizer/tokenizer.model``) is a 10,000-piece BPE with
 byte fallback, trained on the TinyStories sample with (from the project root, ~1 s)::
 
-    python scripts/train_tokenizer.py --data ../shared/data/tinystories/train.txt.xz \
+    python scripts/train_tokenizer.py --data mlx_trm/assets/tinystories/train.txt.xz \
         --vocab-size 10000 --out mlx_trm/assets/tokenizer/tokenizer.model
 
 Its layout: id 0 = ``<|endoftext|>`` (SentencePiece's unk slot, so no id is spent on an unk that
@@ -26,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from mlx_trm.config import ConfigError
+from mlx_trm.files import atomic_write
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 DEFAULT_TOKENIZER = ASSET_DIR / "tokenizer.model"
@@ -87,19 +87,6 @@ def train_sentencepiece(stories: Iterable[str], vocab_size: int = 10_000) -> byt
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make an installed asset unreadable to others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class SentencePieceTokenizer:
     """A SentencePiece model whose id 0 is the end-of-story piece."""
 
@@ -145,7 +132,7 @@ class SentencePieceTokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.model`` into ``directory`` (atomically) and return its path."""
         path = Path(directory) / "tokenizer.model"
-        _atomic_write(path, self._proto)
+        atomic_write(path, self._proto)
         return path
 
     def __repr__(self) -> str:
@@ -198,7 +185,7 @@ class GPTNeo10kTokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the full GPT-Neo ``tokenizer.json`` (the 10k mapping is applied on load)."""
         path = Path(directory) / "tokenizer.json"
-        _atomic_write(path, self._tok.to_str())
+        atomic_write(path, self._tok.to_str())
         return path
 
     def __repr__(self) -> str:

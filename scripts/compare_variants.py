@@ -1,6 +1,6 @@
 """Train every 1M variant on the same budget and compare them (the reference's headline question).
 
-    python scripts/compare_variants.py --data ../shared/data/tinystories --steps 1000 \
+    python scripts/compare_variants.py --data tinystories-sample --steps 1000 \
         --out benchmarks/results
 
 For each variant: train with the same token budget, schedule and data order, evaluate held-out
@@ -126,8 +126,9 @@ def relative_path(path: Path | str) -> str:
     """``path`` relative to the project root when it lies beside it (results carry no
     machine-specific absolute paths), else as given."""
     path = Path(path)
-    if path.is_absolute() and path.resolve().is_relative_to(ROOT.parent):
-        return os.path.relpath(path.resolve(), ROOT)
+    # normalised without resolving symbolic links: a linked ../shared stays ../shared
+    if path.is_absolute() and Path(os.path.abspath(path)).is_relative_to(ROOT.parent):
+        return os.path.relpath(os.path.abspath(path), ROOT)
     return str(path)
 
 
@@ -237,7 +238,8 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinystories"))
+    parser.add_argument("--data", default="tinystories-sample",
+                        help="stories (default: the TinyStories sample shipped in the package)")
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)

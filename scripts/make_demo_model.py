@@ -1,11 +1,12 @@
 """Package a trained run as the demo model that ``mlx_trm.generate`` and ``mlx_trm.chat`` use
 when no ``--model`` is given.
 
-    python scripts/make_demo_model.py runs/compare600/trm_tinystories_1m_flat
+    python scripts/make_demo_model.py runs/demo512 --note "how it was trained (the command)"
 
 Writes ``mlx_trm/assets/model``: the run's model directory (config, tokenizer, mlx-lm files)
 with float16 weights (a 1M-parameter model is ~2 MB, small enough to ship in the wheel) and
-``provenance.json``: the run it came from, its training config and its last validation CE.
+``provenance.json``: the run it came from, its training config, its last validation CE and the
+step and sequences it was trained for (what ``mlx_trm.convert --mlx-to-torch`` reports).
 Loading casts the weights back to float32; the float16 rounding is the demo model's own.
 """
 
@@ -42,8 +43,11 @@ def make_demo(run_dir: Path, out: Path = DEMO, note: str = "") -> Path:
     # the shipped file names no path of the machine that made it
     config["out_dir"] = relative_path(config["out_dir"])
     config["data"]["path"] = relative_path(config["data"]["path"])
+    state = json.loads((run_dir / "model" / "train_state" / "state.json").read_text())
     provenance = {
         "source_run": relative_path(run_dir),
+        "step": state["step"],
+        "sequences": state["sequences_seen"],
         "weights": "float16 (loaded as float32)",
         "last_evaluation": last_evaluation(run_dir),
         "training_config": config,

@@ -1,6 +1,6 @@
 """Tokenize a split into the token cache ahead of training, and summarise it.
 
-    python scripts/prepare_data.py --data ../shared/data/tinystories --split train
+    python scripts/prepare_data.py --data tinystories-sample --split train
 
 Training and evaluation then find the tokens in the cache and never re-tokenize. The summary
 counts text tokens (the end-of-story token each row gets is not included) and gives the share of

@@ -2,7 +2,7 @@
 
 The packaged default was made with (from the project root)::
 
-    python scripts/train_tokenizer.py --data ../shared/data/tinystories/train.txt.xz \
+    python scripts/train_tokenizer.py --data mlx_trm/assets/tinystories/train.txt.xz \
         --vocab-size 10000 --out mlx_trm/assets/tokenizer/tokenizer.model
 
 Deterministic: the same stories in the same order give a byte-identical model (the trainer
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train on the first N stories only (for very large corpora)")
     args = parser.parse_args(argv)
     try:
+        from mlx_trm.files import atomic_write
         from mlx_trm.sources import load_stories
-        from mlx_trm.tokenizer import SentencePieceTokenizer, _atomic_write, train_sentencepiece
+        from mlx_trm.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
         start = time.perf_counter()
         stories = load_stories(args.data, "train", args.text_field, args.max_stories)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = SentencePieceTokenizer(model, source=args.out)
         bad = sum(tok.decode(ids) != s for s, ids in zip(stories, tok.encode_batch(stories)))
         out = Path(args.out)
-        _atomic_write(out, model)
+        atomic_write(out, model)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,29 +1,72 @@
-"""Shared test helpers: where ../shared lives, and small model configs."""
+"""Shared test helpers: the shipped data and reference fixtures, and small model configs.
+
+Everything the suite needs ships in the repository: the TinyStories sample in the package
+(``mlx_trm/assets/tinystories``) and small reference fixtures in ``tests/fixtures/reference``
+(made by the PyTorch reference's own code: scripts/make_reference_fixtures.py). The full-size
+reference fixtures (vocabulary 10000, seq_len 512) are used as well when a folder of them sits at
+``../shared/fixtures/seed_checkpoints`` beside the repository.
+
+Tests marked ``reference_checkout`` run the reference's own scripts and need a checkout of it:
+``REF_REPO=/path/to/TinyRecursiveModels python -m pytest``. Without REF_REPO they are
+deselected (named in the session header), not skipped: they are opt-in, like the reference.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-TINYSTORIES = SHARED / "data" / "tinystories"
-FIXTURES = SHARED / "fixtures" / "seed_checkpoints"
+TINYSTORIES = ROOT / "mlx_trm" / "assets" / "tinystories"  # data.path=tinystories-sample
+FIXTURES = ROOT / "tests" / "fixtures" / "reference"  # always there
+FULL_FIXTURES = ROOT.parent / "shared" / "fixtures" / "seed_checkpoints"  # optional
 CONFIGS = ROOT / "configs"
+ARCHS = ["trm_tinystories_1m_flat", "trm_tinystories_1m", "trm_tinystories_1m_moeut",
+         "trm_tinystories_1m_moeut_act"]
+
+
+def reference_cases(archs: list[str] = ARCHS) -> list:
+    """One pytest param per reference fixture folder: the small ones, then the full-size ones
+    when present (ids ``small-<arch>`` / ``full-<arch>``)."""
+    roots = [("small", FIXTURES)] + ([("full", FULL_FIXTURES)] if FULL_FIXTURES.is_dir() else [])
+    return [pytest.param(root / arch, id=f"{label}-{arch}") for label, root in roots
+            for arch in archs]
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "reference_checkout: needs REF_REPO, a checkout of the "
+                            "reference (jhspaybar/TinyRecursiveModels)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if os.environ.get("REF_REPO"):
+        return
+    deselected = [i for i in items if i.get_closest_marker("reference_checkout")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [i for i in items if not i.get_closest_marker("reference_checkout")]
+        config.stash[_DESELECTED] = len(deselected)
+
+
+_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_report_header(config) -> str | None:
+    if os.environ.get("REF_REPO"):
+        return f"REF_REPO={os.environ['REF_REPO']}: the reference's own scripts are run too"
+    return ("REF_REPO not set: the tests that run the reference's own scripts are deselected "
+            "(set it to a checkout of jhspaybar/TinyRecursiveModels to run them)")
 
 
 @pytest.fixture
 def tinystories_dir() -> Path:
-    if not TINYSTORIES.is_dir():
-        pytest.skip(f"the TinyStories sample is not at {TINYSTORIES} (../shared next to the repo)")
     return TINYSTORIES
 
 
 @pytest.fixture
 def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"the reference fixtures are not at {FIXTURES} (../shared next to the repo)")
     return FIXTURES
 
 

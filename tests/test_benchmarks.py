@@ -122,3 +122,12 @@ def test_reports_the_slow_bundled_blas(tmp_path: Path) -> None:
                     reason="OpenBLAS is not preloaded")
 def test_reports_the_preloaded_openblas() -> None:
     assert tps.environment()["blas"] == "openblas"
+
+
+def test_train_records_checkpointing_and_max_rss(tmp_path: Path) -> None:
+    out = tmp_path / "records.json"
+    tps.main(["--suite", "train", *SMALL, "--uncompiled", "none",
+              "--checkpoint-activations", "on", "--json", str(out)])
+    (r,) = json.loads(out.read_text())
+    assert r["variant"] == "compiled +ckpt" and r["checkpoint_activations"] is True
+    assert r["max_rss_gb"] > 0 and r["estimated_peak_gb"] > 0

@@ -86,6 +86,30 @@ def test_sample_directory_splits(tinystories_dir):
     assert load_stories(tinystories_dir, "valid", max_stories=5) == valid[:5]
 
 
+def test_the_shipped_sample_by_name_from_any_directory(tmp_path, monkeypatch):
+    """data.path=tinystories-sample reads the package's copy wherever the run starts, unless
+    a local file or folder of that name exists (then that one is meant)."""
+    monkeypatch.chdir(tmp_path)
+    train = resolve_source(sources.SAMPLE)
+    assert train.files == (sources.SAMPLE_DIR / "train.txt.xz",)
+    assert resolve_source(sources.SAMPLE, "validation").files == (
+        sources.SAMPLE_DIR / "valid.txt.xz",)
+    assert load_stories(sources.SAMPLE, "validation", max_stories=2)[0].startswith(
+        "Once upon a time there was a little boy named Ben.")
+    (tmp_path / sources.SAMPLE).mkdir()
+    write_txt(tmp_path / sources.SAMPLE / "train.txt", STORIES)
+    assert resolve_source(sources.SAMPLE).files == (Path(sources.SAMPLE) / "train.txt",)
+
+
+def test_quickstart_config_needs_nothing_beside_the_package():
+    from mlx_trm.config import load_config
+    from tests.conftest import CONFIGS
+
+    config = load_config(CONFIGS / "quickstart.yaml")
+    assert config.data.path == sources.SAMPLE
+    assert resolve_source(config.data.path).files[0].is_relative_to(sources.SAMPLE_DIR)
+
+
 def test_every_file_format_reads_the_same_stories(tmp_path):
     files = [write_txt(tmp_path / "a.txt", STORIES),
              write_txt(tmp_path / "a.txt.gz", STORIES, gzip.open),

@@ -24,7 +24,7 @@ from mlx_trm.generate import (
     stream_generate,
 )
 from mlx_trm.models import build_model
-from tests.conftest import save_small_model
+from tests.conftest import reference_cases, save_small_model
 
 # the module: mlx_trm.generate may also name the package's generate() function
 gen = importlib.import_module("mlx_trm.generate")
@@ -230,29 +230,25 @@ def test_recursion_override_changes_logits_and_stays_cache_exact(model_dir, over
 # Reference checkpoints: cached greedy ids equal the reference's re-forward loop
 
 
-ARCHS = ["trm_tinystories_1m_flat", "trm_tinystories_1m", "trm_tinystories_1m_moeut",
-         "trm_tinystories_1m_moeut_act"]
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from tests.conftest import FIXTURES
-
-    if not FIXTURES.is_dir():
-        pytest.skip(f"the reference fixtures are not at {FIXTURES} (../shared next to the repo)")
+    """folder -> its step_3.pt converted (once per module)."""
     pytest.importorskip("torch", reason="converting the reference checkpoints needs torch")
     from mlx_trm.convert import torch_to_mlx
 
-    root = tmp_path_factory.mktemp("converted")
-    return {a: torch_to_mlx(FIXTURES / a / "step_3.pt", root / a) for a in ARCHS}
+    root, done = tmp_path_factory.mktemp("converted"), {}
+
+    def convert(folder):
+        if folder not in done:
+            done[folder] = torch_to_mlx(folder / "step_3.pt", root / str(len(done)))
+        return done[folder]
+    return convert
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_reference_greedy_continuation_with_the_cache(converted, arch):
-    from tests.conftest import FIXTURES
-
-    model, _ = load(converted[arch])
-    e = np.load(FIXTURES / arch / "expected.npz")
+@pytest.mark.parametrize("folder", reference_cases())
+def test_reference_greedy_continuation_with_the_cache(converted, folder):
+    model, _ = load(converted(folder))
+    e = np.load(folder / "expected.npz")
     prompt, expected = e["greedy_prompt"].tolist(), e["greedy_continuation"].tolist()
     ids = []
     for t, _ in generate_step(prompt, model, max_tokens=len(expected)):
@@ -260,7 +256,7 @@ def test_reference_greedy_continuation_with_the_cache(converted, arch):
             break
         ids.append(t)
     if ids != expected:
-        # Only a MoE routing near-tie may flip a choice (seed-reference.md §20); the reference's
+        # Only a MoE routing near-tie may flip a choice (top-k is discontinuous); the reference's
         # margin behind the first differing token must then be tiny.
         assert model.args.use_moeut, f"dense cached greedy ids differ: {ids} vs {expected}"
         first = next(i for i, (a, b) in enumerate(zip(ids, expected)) if a != b)
@@ -273,9 +269,10 @@ def test_reference_greedy_continuation_with_the_cache(converted, arch):
 def test_reference_model_halt_override_changes_the_story_and_stays_exact(converted):
     from tests.conftest import FIXTURES
 
-    prompt = np.load(FIXTURES / "trm_tinystories_1m" / "expected.npz")["greedy_prompt"].tolist()
-    default, _ = load(converted["trm_tinystories_1m"])
-    more, _ = load(converted["trm_tinystories_1m"], model_config={"halt_max_steps": 8})
+    folder = FIXTURES / "trm_tinystories_1m"
+    prompt = np.load(folder / "expected.npz")["greedy_prompt"].tolist()
+    default, _ = load(converted(folder))
+    more, _ = load(converted(folder), model_config={"halt_max_steps": 8})
     assert more.num_cache_slots == 112
     ids = greedy_ids(more, prompt, 10)
     assert ids == greedy_ids(more, prompt, 10, use_cache=False)

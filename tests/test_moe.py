@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_trm.models.layers import rms_norm
 from mlx_trm.models.moe import SigmaMoE, SwitchHead, from_reference_names, to_reference_names
 from mlx_trm.models.router import RoutingLog, routers
-from tests.conftest import FIXTURES
+from tests.conftest import reference_cases
 from tests.moe_reference import sigma_moe_dense, switch_head_dense
 
 ATOL = 1e-5
@@ -65,12 +65,10 @@ def assert_same_outputs_and_grads(module, fast, dense, *inputs) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("skewed", [False, True])
-@pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("E", [2, 8, 192])
+# skewed routing needs k < E (with k == E every expert is used)
+@pytest.mark.parametrize("E,k,skewed", [(E, k, skewed) for E in (2, 8, 192) for k in (1, 2)
+                                        for skewed in (False, True) if not (skewed and k >= E)])
 def test_sigma_moe_matches_dense(E, k, skewed):
-    if skewed and k >= E:
-        pytest.skip("every expert is used when k == E")
     mx.random.seed(E * 10 + k)
     D, es = (16, 8) if E == 192 else (32, 24)
     moe = SigmaMoE(D, E, es, k, init_scale=1.0)
@@ -86,13 +84,10 @@ def test_sigma_moe_matches_dense(E, k, skewed):
     assert_same_outputs_and_grads(moe, moe, partial(sigma_moe_dense, moe), x, sel)
 
 
-@pytest.mark.parametrize("skewed", [False, True])
-@pytest.mark.parametrize("H", [1, 2])
-@pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("E", [2, 8])
+@pytest.mark.parametrize("E,k,H,skewed", [(E, k, H, skewed) for E in (2, 8) for k in (1, 2)
+                                          for H in (1, 2) for skewed in (False, True)
+                                          if not (skewed and k >= E)])
 def test_switch_head_matches_dense(E, k, H, skewed):
-    if skewed and k >= E:
-        pytest.skip("every expert is used when k == E")
     mx.random.seed(E * 100 + k * 10 + H)
     D = 32
     sh = SwitchHead(D, H, E, k, init_scale=1.0)
@@ -196,18 +191,19 @@ def test_names_and_shapes_match_reference_state_dict():
     assert from_reference_names(flat).keys() == flat.keys()  # our names pass through
 
 
-def test_reference_fixture_keys_match():
+@pytest.mark.parametrize("folder", reference_cases(["trm_tinystories_1m_moeut"]))
+def test_reference_fixture_keys_match(folder):
     torch = pytest.importorskip("torch")
-    path = FIXTURES / "trm_tinystories_1m_moeut" / "step_0.pt"
-    if not path.is_file():
-        pytest.skip(f"reference fixture {path} not found")
-    state = torch.load(path, weights_only=True)["model_state_dict"]
+    checkpoint = torch.load(folder / "step_0.pt", weights_only=True)
+    state, arch = checkpoint["model_state_dict"], checkpoint["config"]["arch"]
     prefix = "model.inner.L_level.layers.0."
     ref = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    d = arch["hidden_size"]
     ours = {f"mlp.{k}": v for k, v in
-            reference_shapes(SigmaMoE(64, 8, 192, 2, init_scale=0.378)).items()}
+            reference_shapes(SigmaMoE(d, 8, arch["moe_ff_expert_size"], 2,
+                                      init_scale=0.378)).items()}
     ours.update({f"self_attn.{k}": v for k, v in
-                 reference_shapes(SwitchHead(64, 1, 2, 1, init_scale=0.378)).items()})
+                 reference_shapes(SwitchHead(d, 1, 2, 1, init_scale=0.378)).items()})
     assert ours == ref
     # The reference's stored target std is the (unbiased) std of its renormalised selector.
     sel = state[prefix + "mlp.expert_sel"].double()

@@ -25,8 +25,6 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     """Two reference variants (flat and dense TRM + ACT) trained for 3 tiny steps each."""
-    if not TINYSTORIES.is_dir():
-        pytest.skip(f"the TinyStories sample is not at {TINYSTORIES}")
     tmp = tmp_path_factory.mktemp("compare")
     argv = ["--data", str(TINYSTORIES), "--variants", "trm_tinystories_1m_flat",
             "trm_tinystories_1m", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
@@ -92,6 +90,15 @@ def test_results_name_paths_relative_to_the_project():
     assert compare_variants.relative_path(ROOT / "runs" / "x") == "runs/x"
     assert compare_variants.relative_path(ROOT.parent / "shared" / "d") == "../shared/d"
     assert compare_variants.relative_path("runs/x") == "runs/x"
+
+
+def test_results_name_a_linked_shared_folder_by_its_own_name(tmp_path, monkeypatch):
+    """A ../shared that is a symbolic link stays ../shared (not the link's target)."""
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "shared").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(compare_variants, "ROOT", tmp_path / "project")
+    assert compare_variants.relative_path(tmp_path / "shared" / "d") == "../shared/d"
 
 
 def test_compare_report_tables_and_plots(comparison):

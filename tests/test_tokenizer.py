@@ -88,7 +88,7 @@ def test_training_is_reproducible(tinystories_dir):
 
 
 def test_packaged_model_is_what_the_documented_command_builds(tinystories_dir):
-    # scripts/train_tokenizer.py --data ../shared/data/tinystories/train.txt.xz --vocab-size 10000
+    # scripts/train_tokenizer.py --data mlx_trm/assets/tinystories/train.txt.xz --vocab-size 10000
     stories = load_stories(tinystories_dir / "train.txt.xz", "train")
     import sentencepiece
 

@@ -17,7 +17,7 @@ import pytest
 
 from mlx_trm.config import ConfigError, TrainConfig, load_config
 from mlx_trm.train import learning_rate, make_optimizer, make_step_functions, train, train_step
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, reference_cases
 
 
 def test_warmup_cosine_schedule_on_one_based_steps():
@@ -40,22 +40,21 @@ def test_warmup_cosine_schedule_on_one_based_steps():
 # ------------------------------------------------------------------ parity with the reference
 
 
-@pytest.mark.parametrize("arch", ["trm_tinystories_1m_flat", "trm_tinystories_1m",
-                                  "trm_tinystories_1m_moeut", "trm_tinystories_1m_moeut_act"])
-def test_first_steps_give_the_reference_losses(arch, fixtures_dir, tmp_path):
+@pytest.mark.parametrize("folder", reference_cases())
+def test_first_steps_give_the_reference_losses(folder, tmp_path):
     """From the converted step_0.pt, three steps on the fixture's batches give its losses."""
     pytest.importorskip("torch", reason="converting the fixture needs the torch extra")
     from mlx_trm.checkpoint import load
     from mlx_trm.convert import torch_to_mlx
     from mlx_trm.models import initial_carry
 
-    e = np.load(fixtures_dir / arch / "expected.npz")
-    model, _ = load(torch_to_mlx(fixtures_dir / arch / "step_0.pt", tmp_path / "m"))
+    e = np.load(folder / "expected.npz")
+    model, _ = load(torch_to_mlx(folder / "step_0.pt", tmp_path / "m"))
     tc = TrainConfig(global_batch_size=2, lr=1e-3, lr_min_ratio=1.0, lr_warmup_percent=0.0,
                      max_steps=3)
     optimizer = make_optimizer(tc)
     step_fns = make_step_functions(model, optimizer, tc, compile=False)
-    carry = initial_carry(model, 2, 512)
+    carry = initial_carry(model, *e["train_inputs"].shape[1:])
     mx.random.seed(0)
     for step in range(3):
         optimizer.learning_rate = learning_rate(step + 1, tc, 3)
@@ -70,7 +69,7 @@ def test_first_steps_give_the_reference_losses(arch, fixtures_dir, tmp_path):
         assert carry["halted"].tolist() == e["train_halted"][step].tolist()
         assert carry["steps"].tolist() == e["train_act_steps"][step].tolist()
     # after three steps the weights are the reference's step_3 weights
-    reference, _ = load(torch_to_mlx(fixtures_dir / arch / "step_3.pt", tmp_path / "ref"))
+    reference, _ = load(torch_to_mlx(folder / "step_3.pt", tmp_path / "ref"))
     from mlx.utils import tree_flatten
 
     # Adam divides by sqrt(v) + 1e-8: where a gradient is ~1e-8, float rounding of the gradient
@@ -90,8 +89,6 @@ def small_run_config(tmp_path, name="run", *extra):
     """A tiny dense TRM + ACT on a slice of the TinyStories sample: seconds per run."""
     from tests.conftest import TINYSTORIES
 
-    if not TINYSTORIES.is_dir():
-        pytest.skip(f"the TinyStories sample is not at {TINYSTORIES}")
     overrides = [
         f"data.path={TINYSTORIES}", "data.max_stories=48", f"data.cache_dir={tmp_path}/cache",
         "model.hidden_size=16", "model.num_heads=2", "model.expansion=2", "model.seq_len=32",
@@ -210,8 +207,8 @@ def test_a_run_learns_and_logs_evaluations(tmp_path):
 
 def test_latent_spread_detects_a_collapsed_model():
     from mlx_trm.config import ModelConfig
+    from mlx_trm.evaluate import evaluate_batches, make_eval_fn
     from mlx_trm.models import build_model
-    from mlx_trm.train import evaluate_batches, make_eval_fn
 
     mx.random.seed(0)
     model = build_model(ModelConfig(vocab_size=64, hidden_size=16, num_heads=2, expansion=2,
@@ -236,9 +233,10 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):
     config = small_run_config(tmp_path, "nan", "train.lr=1e30", "train.max_steps=50",
                               "train.checkpoint_interval_sequences=4", "train.grad_clip_norm=1e30",
                               "train.eval_interval_sequences=null", "train.lr_warmup_percent=0")
-    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    with pytest.raises(FloatingPointError, match=r"holds the step-\d+ checkpoint") as e:
         train(config, quiet=True)
     state = json.loads((tmp_path / "nan/model/train_state/state.json").read_text())
+    assert f"step-{state['step']} checkpoint" in str(e.value)
     from mlx_trm.checkpoint import load
 
     model, _ = load(tmp_path / "nan")

@@ -197,6 +197,11 @@ class RoutingLog:
         all_logits.append(mx.stop_gradient(logits) if self._detach else logits)
         all_idx.append(idx)
 
+    def entries(self) -> list[tuple[Router, mx.array, mx.array]]:
+        """Every recorded call as (router, logits, indices), router by router in call order."""
+        return [(router, lg, idx) for router, logits, indices in self._calls.values()
+                for lg, idx in zip(logits, indices)]
+
     def calls(self, router: Router) -> tuple[list[mx.array], list[mx.array]]:
         """(logits, indices) of every recorded call of ``router``, in call order."""
         _, logits, idx = self._calls.get(id(router), (router, [], []))

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from . import recompute
 from .cache import KVCache
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
-
-if TYPE_CHECKING:
-    from .router import RoutingLog
+from .loss import chunked_cross_entropy, cross_entropy, linear_cross_entropy, plan_chunk_rows
+from .router import Router, RoutingLog
 
 IGNORE_LABEL = -100
 
@@ -89,6 +89,35 @@ class MoEUTBlock(nn.Module):
         return rms_norm(h + self.mlp(h, f, record=record), self.eps)
 
 
+def apply_layer(layer: nn.Module, h: mx.array, cache: Any, record: RoutingLog | None,
+                checkpoint: bool) -> mx.array:
+    """``layer(h, cache, record)``; with ``checkpoint`` the backward pass recomputes the layer's
+    activations from its input instead of keeping them (models/recompute.py).
+
+    At 64 x 512 tokens one dense TRM layer application keeps ~0.7 GB for its backward (the
+    2 x 1024-wide SwiGLU and the attention) and the back-propagated cycle has 14 of them; a
+    checkpointed application keeps only its [B, T, D] input and output. MoE router logits are
+    outputs of the checkpointed function so the record still sees them.
+    """
+    if not checkpoint or cache is not None:
+        return layer(h, cache, record)
+    calls: list[tuple[Router, mx.array]] = []
+
+    def run(x: mx.array) -> tuple[mx.array, ...]:
+        local = RoutingLog() if record is not None else None
+        out = layer(x, None, local)
+        entries = local.entries() if local is not None else []
+        # The expert indices (integers, no gradient) leave by the side.
+        calls[:] = [(router, idx) for router, _, idx in entries]
+        return (out, *(logits for _, logits, _ in entries))
+
+    out, *logits = recompute.checkpoint(layer, run)(h)
+    if record is not None:
+        for (router, idx), router_logits in zip(calls, logits):
+            record.add(router, router_logits, idx)
+    return out
+
+
 class ReasoningModule(nn.Module):
     """``L_level``: add the injection, then apply the blocks in order."""
 
@@ -97,10 +126,11 @@ class ReasoningModule(nn.Module):
         self.layers = layers
 
     def __call__(self, z: mx.array, injection: mx.array, caches: Iterator | None = None,
-                 record: RoutingLog | None = None) -> mx.array:
+                 record: RoutingLog | None = None, checkpoint: bool = False) -> mx.array:
         h = z + injection
         for layer in self.layers:
-            h = layer(h, next(caches) if caches is not None else None, record)
+            h = apply_layer(layer, h, next(caches) if caches is not None else None, record,
+                            checkpoint)
         return h
 
 
@@ -133,6 +163,9 @@ class Model(nn.Module):
                 lambda: DenseBlock(args, pre_norm=False))
             self.L_level = ReasoningModule([block() for _ in range(args.L_layers)])
         self.freeze(keys=["H_init", "L_init"], recurse=False)
+        # Recompute the back-propagated layer applications' activations in the backward pass
+        # (train.checkpoint_activations); a run-time switch, not part of the architecture.
+        self.checkpoint_activations = False
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Weights with the reference's MoE names (older checkpoints) renamed to ours.
@@ -181,11 +214,13 @@ class Model(nn.Module):
                ) -> tuple[mx.array, mx.array]:
         """The recursion of one ACT step (no read-out)."""
         args = self.args
+        ckpt = self.checkpoint_activations
         x = self.embed_scale * self.embed_tokens(inputs)
         if args.flat_transformer:
             h = x
             for layer in self.flat_layers:
-                h = layer(h, next(caches) if caches is not None else None, record)
+                h = apply_layer(layer, h, next(caches) if caches is not None else None, record,
+                                ckpt)
             z_H = z_L = h
         else:
             if args.H_cycles > 1:
@@ -198,8 +233,8 @@ class Model(nn.Module):
                     z_H = self.L_level(z_H, z_L, caches, early)
                 z_H, z_L = mx.stop_gradient(z_H), mx.stop_gradient(z_L)
             for _ in range(args.L_cycles):
-                z_L = self.L_level(z_L, z_H + x, caches, record)
-            z_H = self.L_level(z_H, z_L, caches, record)
+                z_L = self.L_level(z_L, z_H + x, caches, record, ckpt)
+            z_H = self.L_level(z_H, z_L, caches, record, ckpt)
         return z_H, z_L
 
     def readout(self, z_H: mx.array) -> tuple[mx.array, mx.array]:
@@ -259,7 +294,7 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
              training: bool, record: RoutingLog | None = None, key: mx.array | None = None,
              halt_max_steps: int | None = None
              ) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
-    """One ACT step with the reference's carry semantics (seed-reference.md §7).
+    """One ACT step with the reference's carry semantics.
 
     Halted rows restart from (H_init, L_init) on the new batch's row; the other rows keep
     refining their old data and the new batch's row is dropped. A row halts after
@@ -279,7 +314,9 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     inputs = mx.where(row, inputs, carry["inputs"])
     labels = mx.where(row, labels, carry["labels"])
 
-    z_H, z_L, logits, q_logits = model.inner(z_H, z_L, inputs, record=record)
+    z_H, z_L = model.refine(z_H, z_L, inputs, record=record)
+    hidden = model._final_norm(z_H)
+    q_logits = model.q_head(hidden[:, 0])
 
     steps = steps + 1
     halted = steps >= n_max
@@ -299,51 +336,52 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
         "inputs": inputs,
         "labels": labels,
     }
-    outputs = {"logits": logits, "q_halt_logits": q_logits[:, 0],
-               "q_continue_logits": q_logits[:, 1]}
+    # "logits" is lazy: MLX computes it only for a caller that reads it. The loss reads
+    # "hidden" and the read-out "head" instead and never builds the [B, T, V] logits.
+    outputs = {"hidden": hidden, "head": model.embed_tokens,
+               "logits": model.embed_tokens.as_linear(hidden),
+               "q_halt_logits": q_logits[:, 0], "q_continue_logits": q_logits[:, 1]}
     return new_carry, outputs
 
 
-@mx.custom_function
-def _cross_entropy_and_softmax(logits: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
-    m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
-    e = mx.exp(logits - m)
-    total = e.sum(axis=-1, keepdims=True)
-    logsumexp = (m + mx.log(total))[..., 0]
-    target = mx.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return logsumexp - target, e / total
+def token_cross_entropy(outputs: dict[str, Any], labels: mx.array,
+                        chunk_rows: int | None = None) -> tuple[mx.array, mx.array]:
+    """(per-token cross-entropy, arg-max prediction) of an ACT step's outputs.
 
-
-@_cross_entropy_and_softmax.vjp
-def _cross_entropy_vjp(primals, cotangents, outputs):
-    logits, labels = primals
-    onehot = mx.arange(logits.shape[-1]) == labels[..., None]
-    return cotangents[0][..., None] * (outputs[1] - onehot), mx.zeros_like(labels)
-
-
-def cross_entropy(logits: mx.array, labels: mx.array) -> mx.array:
-    """Per-token cross-entropy whose backward reuses the forward's softmax.
-
-    Same values as ``nn.losses.cross_entropy``; with a 10k vocabulary the exp over the logits is
-    the most expensive elementwise op of a 1M-parameter model's step on the CPU backend, and
-    the stock backward recomputes it.
+    From ``hidden`` and ``head`` (what :func:`act_step` returns) in chunks of ``chunk_rows``
+    rows (default: ``plan_chunk_rows``), so large [B, T, V] logits never exist; from the whole
+    logits when one chunk holds every row, or when only ``logits`` are given.
     """
-    return _cross_entropy_and_softmax(logits, labels)[0]
+    if "hidden" in outputs:
+        hidden, head = outputs["hidden"].astype(mx.float32), outputs["head"]
+        weight = getattr(head, "embedding_weight", None)
+        plain_weight = (isinstance(head, TiedEmbedding) and isinstance(weight, mx.array)
+                        and mx.issubdtype(weight.dtype, mx.floating))
+        vocab = weight.shape[0] if plain_weight else head.as_linear(hidden[:1, :1]).shape[-1]
+        rows = labels.size
+        chunk = chunk_rows or plan_chunk_rows(rows, vocab)
+        if chunk < rows and plain_weight:
+            return linear_cross_entropy(hidden, weight, labels, chunk)
+        if chunk < rows:  # another read-out (e.g. a quantized embedding): no weight gradient
+            return chunked_cross_entropy(hidden, head, labels, chunk)
+        outputs = {"logits": head.as_linear(hidden)}
+    logits = outputs["logits"].astype(mx.float32)
+    return cross_entropy(logits, labels), mx.argmax(logits, axis=-1)
 
 
-def act_loss(outputs: dict[str, mx.array], labels: mx.array) -> tuple[mx.array, dict]:
-    """The reference ACTLossHead (§8), before division by the global batch size.
+def act_loss(outputs: dict[str, Any], labels: mx.array, chunk_rows: int | None = None
+             ) -> tuple[mx.array, dict]:
+    """The reference ACTLossHead, before division by the global batch size.
 
     lm = sum over rows of each row's mean token cross-entropy; q_halt is trained toward
     "every label token of the row is predicted exactly"; total = lm + 0.5 * q_halt.
     """
-    logits = outputs["logits"].astype(mx.float32)
     mask = labels != IGNORE_LABEL
     n_tokens = mask.sum(axis=-1)
-    safe_labels = mx.where(mask, labels, 0)
-    ce = cross_entropy(logits, safe_labels) * mask
+    ce, predicted = token_cross_entropy(outputs, mx.where(mask, labels, 0), chunk_rows)
+    ce = ce * mask
     lm_loss = (ce.sum(axis=-1) / mx.maximum(n_tokens, 1)).sum()
-    correct = mask & (mx.argmax(logits, axis=-1) == labels)
+    correct = mask & (predicted == labels)
     exact = correct.sum(axis=-1) == n_tokens
     q_halt_loss = nn.losses.binary_cross_entropy(
         outputs["q_halt_logits"], exact.astype(mx.float32), with_logits=True, reduction="sum")

@@ -1,0 +1,139 @@
+"""Token cross-entropy straight from the hidden states, without the [N, V] logits.
+
+With a 10k vocabulary the read-out dominates a small model's memory: at 64 x 512 tokens one
+float32 logits tensor is 1.3 GB, and the plain loss keeps the logits, their softmax and the
+gradient alive together. Here the rows are processed in chunks: the forward keeps only each
+row's log-sum-exp, target logit and arg-max, and the backward recomputes a chunk's logits from
+the hidden states, turns them into the gradient and folds it into dh and dW before the next
+chunk starts (the idea of "cut cross-entropy" and Liger's fused linear cross-entropy). The
+values are the plain path's up to float re-association; the cost is one more [chunk, D] x
+[D, V] matmul per chunk in the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+# Rows per chunk. Each chunk's logits are [CHUNK_ROWS, V]: 2048 x 10k float32 is 82 MB. The
+# matmuls stay large enough to run at full speed on Metal, and on the CPU a chunk this size is
+# as fast as the whole batch at once (benchmarks/README.md, "Memory").
+CHUNK_ROWS = 2048
+# Up to this size the logits are kept whole and the backward reuses their softmax (no second
+# read-out matmul, no second exp): at 8 x 512 tokens and 10k ids they are 164 MB.
+KEEP_LOGITS_BYTES = 256 * 2**20
+
+
+def plan_chunk_rows(rows: int, vocab: int) -> int:
+    """Rows per loss chunk for ``rows`` rows: all of them (one chunk, nothing recomputed) when
+    their logits are small, else :data:`CHUNK_ROWS`."""
+    return rows if rows * vocab * 4 <= KEEP_LOGITS_BYTES else CHUNK_ROWS
+
+
+@mx.custom_function
+def _cross_entropy_and_softmax(logits: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
+    m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+    e = mx.exp(logits - m)
+    total = e.sum(axis=-1, keepdims=True)
+    logsumexp = (m + mx.log(total))[..., 0]
+    target = mx.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return logsumexp - target, e / total
+
+
+@_cross_entropy_and_softmax.vjp
+def _cross_entropy_vjp(primals, cotangents, outputs):
+    logits, labels = primals
+    onehot = mx.arange(logits.shape[-1]) == labels[..., None]
+    return cotangents[0][..., None] * (outputs[1] - onehot), mx.zeros_like(labels)
+
+
+def cross_entropy(logits: mx.array, labels: mx.array) -> mx.array:
+    """Per-token cross-entropy whose backward reuses the forward's softmax.
+
+    Same values as ``nn.losses.cross_entropy``; with a 10k vocabulary the exp over the logits is
+    the most expensive elementwise op of a 1M-parameter model's step on the CPU backend, and
+    the stock backward recomputes it.
+    """
+    return _cross_entropy_and_softmax(logits, labels)[0]
+
+
+def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + rows, n)) for lo in range(0, n, rows)]
+
+
+def _after(x: mx.array, previous: list[mx.array]) -> mx.array:
+    """``x``, but evaluated only after ``previous``: keeps one chunk's [rows, V] alive at a time
+    (otherwise the scheduler may start every chunk's matmul before the first is reduced)."""
+    return mx.depends(x, previous) if previous else x
+
+
+def _make_fused(rows: int):
+    @mx.custom_function
+    def fused(hidden: mx.array, weight: mx.array, labels: mx.array):
+        """(per-row CE, log-sum-exp, arg-max) of ``hidden @ weight.T`` against ``labels``."""
+        ce, lse, argmax = [], [], []
+        for lo, hi in _chunks(hidden.shape[0], rows):
+            h = _after(hidden[lo:hi], ce[-1:] + argmax[-1:])
+            logits = h @ weight.T
+            m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+            chunk_lse = (m + mx.log(mx.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
+            target = mx.take_along_axis(logits, labels[lo:hi, None], axis=-1)[..., 0]
+            ce.append(chunk_lse - target)
+            lse.append(chunk_lse)
+            argmax.append(mx.argmax(logits, axis=-1))
+        return mx.concatenate(ce), mx.concatenate(lse), mx.concatenate(argmax)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        hidden, weight, labels = primals
+        d_ce, lse = cotangents[0], outputs[1]
+        d_hidden, d_weight = [], None
+        vocab = mx.arange(weight.shape[0])
+        for lo, hi in _chunks(hidden.shape[0], rows):
+            previous = d_hidden[-1:] + ([d_weight] if d_weight is not None else [])
+            h = _after(hidden[lo:hi], previous)
+            softmax = mx.exp(h @ weight.T - lse[lo:hi, None])
+            onehot = vocab == labels[lo:hi, None]
+            g = d_ce[lo:hi, None] * (softmax - onehot)
+            d_hidden.append(g @ weight)
+            d_w = g.T @ h
+            d_weight = d_w if d_weight is None else d_weight + d_w
+        return mx.concatenate(d_hidden), d_weight, mx.zeros_like(labels)
+
+    return fused
+
+
+_FUSED: dict[int, Any] = {}
+
+
+def linear_cross_entropy(hidden: mx.array, weight: mx.array, labels: mx.array,
+                         chunk_rows: int = CHUNK_ROWS) -> tuple[mx.array, mx.array]:
+    """Per-token cross-entropy and arg-max of the logits ``hidden @ weight.T``.
+
+    ``hidden`` is [..., D], ``weight`` [V, D], ``labels`` [...] (valid ids: mask outside).
+    Returns (ce, argmax), both shaped like ``labels``; ce is differentiable in ``hidden`` and
+    ``weight``. ``chunk_rows`` bounds the rows whose logits exist at any one time.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    shape = labels.shape
+    if chunk_rows not in _FUSED:
+        _FUSED[chunk_rows] = _make_fused(chunk_rows)
+    ce, _, argmax = _FUSED[chunk_rows](hidden.reshape(-1, hidden.shape[-1]), weight,
+                                       labels.reshape(-1))
+    return ce.reshape(shape), argmax.reshape(shape)
+
+
+def chunked_cross_entropy(hidden: mx.array, head: Any, labels: mx.array,
+                          chunk_rows: int = CHUNK_ROWS) -> tuple[mx.array, mx.array]:
+    """The same through any read-out ``head`` with ``as_linear`` (a quantized embedding):
+    chunked forward, and the backward keeps each chunk's logits (no weight gradient needed)."""
+    flat, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    ce, argmax = [], []
+    for lo, hi in _chunks(flat.shape[0], chunk_rows):
+        logits = head.as_linear(flat[lo:hi]).astype(mx.float32)
+        lse = mx.logsumexp(logits, axis=-1)
+        ce.append(lse - mx.take_along_axis(logits, y[lo:hi, None], axis=-1)[..., 0])
+        argmax.append(mx.argmax(logits, axis=-1))
+    return mx.concatenate(ce).reshape(labels.shape), mx.concatenate(argmax).reshape(labels.shape)
