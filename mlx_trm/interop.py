@@ -14,10 +14,11 @@ directory needs, next to our own files (:func:`write_mlx_lm_files`):
 - ``tokenizer.json`` + ``tokenizer_config.json``: our SentencePiece BPE rebuilt with the
   ``tokenizers`` library (same ids, same text; see :func:`hf_tokenizer`).
 
-The cache is the recursion-aware :class:`~mlx_trm.models.cache.KVCache`: it has mlx-lm's cache
-protocol (``offset``, ``state``, chunked prefill, exact ``trim``, so the server's prompt cache
-reuse is exact). KV quantization (``--kv-bits``) is refused; having no ``merge``, the server serves
-requests one at a time instead of batching them. Directories with the gpt-neo-10k tokenizer (or
+The cache is one stock ``mlx_lm.models.cache.KVCache`` per layer application (models/cache.py
+says why that is exact), so mlx-lm's batched generation (``batch_generate``, the server's
+continuous batching, ``mlx_lm.benchmark -b N``), prompt-cache files, the server's prompt-cache
+trimming and ``--kv-bits`` work unchanged; ``--max-kv-size`` is refused (:meth:`Model.make_cache`).
+Directories with the gpt-neo-10k tokenizer (or
 none) get ``mlx_lm_unsupported`` in config.json, and loading them in mlx-lm stops with that reason.
 
 Existing directories (saved before this module) are upgraded in place with
@@ -63,6 +64,23 @@ class ModelArgs(ModelConfig):
 
 class Model(TRMModel):
     """Our model unchanged (same parameter names, so mlx-lm loads model.safetensors as is)."""
+
+    def make_cache(self) -> list:
+        """One stock mlx-lm ``KVCache`` per layer application; refuses ``--max-kv-size``.
+
+        mlx-lm's ``make_prompt_cache(model, max_kv_size)`` calls ``model.make_cache()`` without
+        passing the size on, so the option would be accepted and then ignored. A rotating window
+        per slot would change what the recursion computes (every stage would see only the last
+        window of each latent), so the size is read from that caller and refused before any
+        token is generated.
+        """
+        caller = sys._getframe(1)
+        if (caller.f_code.co_name == "make_prompt_cache"
+                and caller.f_locals.get("max_kv_size") is not None):
+            raise ValueError("mlx-trm models do not support --max-kv-size (max_kv_size): their "
+                             "recursion needs every key of every layer application; run "
+                             "without it")
+        return super().make_cache()
 
 
 class _TrmConfigWarningFilter(logging.Filter):

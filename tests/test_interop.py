@@ -172,16 +172,6 @@ def test_trimmed_cache_is_exact(saved, tok):
     assert mx.allclose(trimmed, fresh, atol=1e-4).item()
 
 
-def test_kv_quantization_is_refused(saved, tok):
-    from mlx_lm.generate import generate_step as mlx_lm_generate_step
-
-    model, _ = mlx_lm.load(str(saved["dense_act"][0]), trust_remote_code=True)
-    steps = mlx_lm_generate_step(mx.array(tok.encode(PROMPT)), model, max_tokens=2, kv_bits=4,
-                                 quantized_kv_start=0)
-    with pytest.raises(ValueError, match="--kv-bits"):
-        next(steps)
-
-
 # ----------------------------------------------------------------------------------------------
 # mlx_lm.server
 

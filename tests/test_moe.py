@@ -317,17 +317,18 @@ def test_switch_head_kv_cache_matches_full_sequence(chunks):
 
 
 def test_switch_head_with_project_caches():
-    """The project's KVCache and the left-padded fixed-capacity BatchKVCache (per-row offsets)."""
-    cache_mod = pytest.importorskip("mlx_trm.models.cache")
-    if not hasattr(cache_mod, "make_batch_cache") or not hasattr(cache_mod, "KVCache"):
-        pytest.skip("models/cache.py has no KVCache / make_batch_cache")
+    """mlx-lm's KVCache (what model.make_cache() returns) and the left-padded fixed-capacity
+    BatchKVCache of the compiled decoder (per-row offsets)."""
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_trm.models import cache as cache_mod
     mx.random.seed(12)
     sh = SwitchHead(32, 2, 4, 2, init_scale=1.0)
     h = mx.random.normal((2, 12, 32))
     a = rms_norm(h)
     full = sh(a, h)
 
-    cache = cache_mod.KVCache()
+    cache = KVCache()
     parts = [sh(a[:, :7], h[:, :7], cache=cache)]
     parts += [sh(a[:, t:t + 1], h[:, t:t + 1], cache=cache) for t in range(7, 12)]
     assert_close(mx.concatenate(parts, axis=1), full, what="KVCache")

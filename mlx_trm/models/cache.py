@@ -1,22 +1,28 @@
-"""Recursion-aware KV cache: one KV slot per layer application of a forward.
+"""Recursion-aware KV caches: one KV slot per layer application of a forward.
 
-Every recursion stage of the model is causal (seed-reference.md §20), so running new positions
-through the stages in order, appending their keys and values (after RoPE) to the slot of each
-layer application, gives exactly the full re-forward's result. The model consumes the slots in
+Why a cache is exact for a recursive model: every stage of the recursion (each L_level / flat
+block application, in every H cycle and ACT step) maps the sequence position by position except
+for causal attention, so a stage's output at position p depends only on its inputs at positions
+<= p, and by induction so does every latent. Running new positions through the stages in order,
+appending their keys and values (after RoPE) to the slot of each layer application, therefore
+gives exactly the full re-forward's result, and dropping the last n entries of every slot
+(``trim``) leaves exactly the cache of the shorter sequence. The model consumes the slots in
 execution order: ``halt_max_steps * H_cycles * (L_cycles + 1) * L_layers`` of them.
 
-Two slot types share one contract with the attention code (``layers.attention``): modules read
-``cache.offset`` for their RoPE positions (an int, or an int32 array [B] of per-row positions),
-take their mask from ``cache.make_mask(T)`` and call ``cache.update_and_fetch(k, v)``. A cache may
-also offer ``cache.rope(x, freqs)``, RoPE at its positions from a table shared by all slots; dense
-``Attention`` uses it when present (SwitchHead rotates with ``cache.offset``).
+Two kinds of slot share one contract with the attention code (``layers.attention``): modules
+read ``cache.offset`` for their RoPE positions (an int, or an int32 array [B] of per-row
+positions), take their mask from ``cache.make_mask(T, ...)`` and call
+``cache.update_and_fetch(k, v)``. A cache may also offer ``cache.rope(x, freqs)``, RoPE at its
+positions from a table shared by all slots; dense ``Attention`` uses it when present.
 
-- :class:`KVCache` is the mlx-lm-compatible eager cache (``model.make_cache()``): a Python-int
-  ``offset``, buffers grown in blocks, chunked prefill, exact ``trim``.
-- :class:`BatchKVCache` slots share one :class:`CachePositions`: fixed-capacity buffers, the
-  write column and per-row left padding as arrays. Nothing in a decode step is a Python int, so
-  one ``mx.compile``-d function runs a step through all slots without retracing; batches of
-  prompts of different lengths are left-padded, with per-row RoPE offsets and pad keys masked.
+- ``model.make_cache()`` returns stock ``mlx_lm.models.cache.KVCache`` slots, so everything
+  mlx-lm does with a cache (batched generation via ``merge``, prompt-cache files, trimming,
+  ``--kv-bits`` quantization) works on them unchanged.
+- :class:`BatchKVCache` slots (this module, for ``mlx_trm.generate``'s compiled decoder) share
+  one :class:`CachePositions`: fixed-capacity buffers, the write column and per-row left padding
+  as arrays. Nothing in a decode step is a Python int, so one ``mx.compile``-d function runs a
+  step through all slots without retracing; batches of prompts of different lengths are
+  left-padded, with per-row RoPE offsets and pad keys masked.
 """
 
 from __future__ import annotations
@@ -24,86 +30,6 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-
-
-class KVCache:
-    """Keys and values of one layer application, [B, H, T, Dh], grown in blocks of ``step``.
-
-    The protocol of mlx-lm's ``KVCache`` (``offset``, ``state``, ``is_trimmable``/``trim``,
-    ``make_mask``), so mlx-lm's generate loop can drive a list of these.
-    """
-
-    step = 256
-
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        prev = self.offset
-        needed = prev + keys.shape[2]
-        if self.keys is None or needed > self.keys.shape[2]:
-            B, H, _, Dk = keys.shape
-            grow = ((needed - prev + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, Dk), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-        self.keys[..., prev:needed, :] = keys
-        self.values[..., prev:needed, :] = values
-        self.offset = needed
-        return self.keys[..., :needed, :], self.values[..., :needed, :]
-
-    def make_mask(self, n: int, **kwargs: Any) -> str | None:
-        # The returned keys end at the last new query, so "causal" (which aligns the queries with
-        # the end of the keys) is right for a chunk at any offset; one query sees every key.
-        return "causal" if n > 1 else None
-
-    @property
-    def state(self) -> tuple[mx.array, mx.array] | list:
-        if self.keys is None:
-            return []
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-
-    @state.setter
-    def state(self, v: tuple[mx.array, mx.array] | list) -> None:
-        if not v:
-            self.keys = self.values = None
-            self.offset = 0
-        else:
-            self.keys, self.values = v
-            self.offset = self.keys.shape[2]
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        """Forget the last ``n`` positions. Exact: every slot's entry at position p depends only
-        on tokens <= p (all stages are causal), so the remaining entries are those of the shorter
-        sequence. Trim every slot of a model's cache by the same ``n``."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    def to_quantized(self, group_size: int = 64, bits: int = 4) -> KVCache:
-        # mlx-lm quantizes slots that define this (--kv-bits); our attention reads plain keys and
-        # values, so refuse loudly rather than let mlx-lm skip it silently or break attention.
-        raise ValueError(
-            "mlx-trm models do not support a quantized KV cache; run without --kv-bits")
-
-    def size(self) -> int:
-        return self.offset
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 class CachePositions:

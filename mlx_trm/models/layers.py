@@ -11,6 +11,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
 
 # std of a standard normal truncated to [-2, 2]; dividing by it makes the truncated draw have
 # exactly the requested std (the reference's JAX-style trunc_normal_init_).
@@ -48,8 +49,12 @@ def rope_frequencies(dims: int, theta: float) -> mx.array:
     return 1.0 / inv_freq
 
 
-def apply_rope(x: mx.array, freqs: mx.array, offset: int, dims: int | None = None) -> mx.array:
-    """NeoX-layout RoPE on ``x`` [B, H, T, Dh] at positions offset..offset+T-1 (first ``dims``)."""
+def apply_rope(x: mx.array, freqs: mx.array, offset: int | mx.array,
+               dims: int | None = None) -> mx.array:
+    """NeoX-layout RoPE on ``x`` [B, H, T, Dh] at positions offset..offset+T-1 (first ``dims``).
+
+    ``offset`` is an int, or an int32 array [B] of per-row positions (a left-padded batch cache:
+    mlx-lm's ``BatchKVCache.offset``); ``mx.fast.rope`` takes either."""
     dims = x.shape[-1] if dims is None else dims
     return mx.fast.rope(x, dims, traditional=False, base=None, scale=1.0, offset=offset,
                         freqs=freqs)
@@ -58,16 +63,21 @@ def apply_rope(x: mx.array, freqs: mx.array, offset: int, dims: int | None = Non
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, cache: Any = None) -> mx.array:
     """Causal softmax attention over [B, H, T, Dh] tensors, appending k/v to ``cache`` if given.
 
-    The cache decides the mask (``cache.make_mask(T)``, see models/cache.py): ``"causal"`` for a
-    chunk whose queries sit at the end of the returned keys, None for one query over exactly the
-    keys so far, a boolean mask over a fixed-capacity buffer (padding and unwritten columns).
+    One contract serves mlx-lm's caches (``KVCache``, the left-padded ``BatchKVCache`` of its
+    batched generation, ``QuantizedKVCache``) and the compiled decoder's fixed-capacity slots
+    (models/cache.py): the cache decides the mask (``cache.make_mask(T, ...)``: ``"causal"``,
+    None for one query, or a boolean array hiding left padding and unwritten columns) and mlx-lm's
+    ``scaled_dot_product_attention`` runs the quantized kernel when the cache holds quantized
+    keys and values (``--kv-bits``).
     """
     T = q.shape[2]
     if cache is None:
-        mask = "causal" if T > 1 else None
-    else:
-        mask = cache.make_mask(T)
-        k, v = cache.update_and_fetch(k, v)
+        return mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=scale, mask="causal" if T > 1 else None)
+    mask = cache.make_mask(T, return_array=False, window_size=None)
+    k, v = cache.update_and_fetch(k, v)
+    if hasattr(cache, "bits"):
+        return scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 

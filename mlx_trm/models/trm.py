@@ -25,7 +25,6 @@ import mlx.nn as nn
 
 from ..config import ModelConfig
 from . import recompute
-from .cache import KVCache
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
 from .loss import chunked_cross_entropy, cross_entropy, linear_cross_entropy, plan_chunk_rows
 from .router import Router, RoutingLog
@@ -188,8 +187,14 @@ class Model(nn.Module):
         """One KV slot per layer application: N_max * H_cycles * (L_cycles + 1) * L_layers."""
         return self.args.halt_max_steps * self.args.layer_applications_per_act_step
 
-    def make_cache(self) -> list[KVCache]:
-        """A fresh recursion-aware cache: one KV slot per layer application of a forward."""
+    def make_cache(self) -> list:
+        """A fresh recursion-aware cache: one stock mlx-lm ``KVCache`` per layer application.
+
+        mlx-lm's batching (``merge`` into its ``BatchKVCache``), prompt-cache files, trimming and
+        ``--kv-bits`` then work unchanged (models/cache.py says why one slot per application is
+        exact)."""
+        from mlx_lm.models.cache import KVCache
+
         return [KVCache() for _ in range(self.num_cache_slots)]
 
     def initial_latents(self, *batch_shape: int) -> tuple[mx.array, mx.array]:

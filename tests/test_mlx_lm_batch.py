@@ -1,0 +1,115 @@
+"""Our models under mlx-lm's cache machinery: batched generation, prompt-cache files, KV options.
+
+``model.make_cache()`` returns stock ``mlx_lm.models.cache.KVCache`` slots (one per layer
+application), so mlx-lm's ``BatchGenerator`` merges them into its left-padded ``BatchKVCache``
+and our attention reads per-row array offsets and padding masks.
+"""
+
+from __future__ import annotations
+
+import types
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_trm.config import ModelConfig
+from mlx_trm.interop import Model as InteropModel
+
+mlx_lm = pytest.importorskip("mlx_lm")
+from mlx_lm.generate import batch_generate, generate_step  # noqa: E402
+from mlx_lm.models import cache as lm_cache  # noqa: E402
+
+MOE = dict(use_moeut=True, moe_ff_n_experts=4, moe_ff_expert_size=16, moe_ff_k=2,
+           moe_att_n_experts=4, moe_att_k=2)
+KINDS = {
+    "flat": dict(flat_transformer=True, halt_max_steps=1),
+    "dense": dict(halt_max_steps=1),
+    "dense_act": dict(halt_max_steps=3),
+    "moeut": dict(halt_max_steps=1, **MOE),
+    "moeut_act": dict(halt_max_steps=2, **MOE),
+}
+PROMPTS = [[5, 17, 3, 42, 8, 61], [9], list(range(30, 41))]
+N = 10
+# batch_generate decodes the ids at the end; no token is an end-of-sequence here
+TOKENIZER = types.SimpleNamespace(eos_token_ids=[], decode=str)
+
+
+def tiny_model(kind: str, hidden_size: int = 16) -> InteropModel:
+    """A few-thousand-parameter model whose greedy ids vary (scaled-up random weights: the
+    reference init repeats one token, which would hide a misaligned row)."""
+    mx.random.seed(1)
+    model = InteropModel(ModelConfig(vocab_size=97, hidden_size=hidden_size, num_heads=2,
+                                     expansion=2, L_layers=2, H_cycles=2, L_cycles=2,
+                                     seq_len=64, **KINDS[kind]))
+    new = [(k, 1.2 * mx.random.normal(v.shape) / v.shape[-1] ** 0.5)
+           for k, v in tree_flatten(model.parameters()) if v.ndim >= 2 and "embed" not in k]
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())
+    return model
+
+
+def single(model, prompt: list[int], **kwargs) -> tuple[list[int], list[np.ndarray]]:
+    steps = list(generate_step(mx.array(prompt), model, max_tokens=N, **kwargs))
+    return [int(t) for t, _ in steps], [np.array(lp) for _, lp in steps]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_batch_generate_rows_equal_one_prompt_at_a_time(kind):
+    model = tiny_model(kind)
+    assert all(type(c) is lm_cache.KVCache for c in model.make_cache())
+    batched = batch_generate(model, TOKENIZER, PROMPTS, max_tokens=N, return_token_ids=True,
+                             return_logprobs=True)
+    alone = [single(model, p) for p in PROMPTS]
+    assert batched.token_ids == [ids for ids, _ in alone]
+    assert len({tuple(ids) for ids in batched.token_ids}) == len(PROMPTS)
+    assert any(len(set(ids)) > 1 for ids in batched.token_ids)
+    for row, (ids, lps) in zip(batched.logprobs, alone):
+        assert np.abs(np.array(row) - np.array([lp[t] for t, lp in zip(ids, lps)])).max() <= 1e-4
+
+
+def test_prompt_cache_file_round_trip(tmp_path):
+    """mlx_lm.cache_prompt's save_prompt_cache, then load_prompt_cache + the prompt's rest,
+    gives the whole prompt's greedy ids and logits."""
+    model = tiny_model("moeut_act")
+    prefix, rest = PROMPTS[2], [7, 11, 13]
+    cache = lm_cache.make_prompt_cache(model)
+    model(mx.array([prefix]), cache=cache)
+    mx.eval([c.state for c in cache])
+    lm_cache.save_prompt_cache(str(tmp_path / "p.safetensors"), cache, {"model": "tiny"})
+    loaded = lm_cache.load_prompt_cache(str(tmp_path / "p.safetensors"))
+    assert len(loaded) == model.num_cache_slots and loaded[0].offset == len(prefix)
+    assert single(model, rest, prompt_cache=loaded)[0] == single(model, prefix + rest)[0]
+
+
+def test_trimmed_prompt_cache_is_exact():
+    """The server trims a cached prompt to the common prefix of the next request."""
+    model = tiny_model("dense_act")
+    a, b, c = PROMPTS[2], [3, 4, 5, 6], [50, 60]
+    cache = lm_cache.make_prompt_cache(model)
+    model(mx.array([a + b]), cache=cache)
+    assert lm_cache.trim_prompt_cache(cache, len(b)) == len(b)
+    trimmed = model(mx.array([c]), cache=cache)
+    assert np.abs(np.array(trimmed - model(mx.array([a + c]))[:, -len(c):])).max() <= 1e-4
+
+
+def test_kv_bits_quantizes_every_slot_and_stays_close():
+    model = tiny_model("dense_act", hidden_size=64)  # head_dim 32: one quantization group
+    prompt = PROMPTS[2]
+    cache = lm_cache.make_prompt_cache(model)
+    ids, lps = single(model, prompt, prompt_cache=cache, kv_bits=8, kv_group_size=32,
+                      quantized_kv_start=0)
+    assert all(isinstance(c, lm_cache.QuantizedKVCache) for c in cache)
+    ref_ids, ref_lps = single(model, prompt)
+    assert ids[:3] == ref_ids[:3]
+    assert np.abs(lps[0] - ref_lps[0]).max() < 0.05
+
+
+def test_max_kv_size_is_refused_before_any_token():
+    model = tiny_model("dense")
+    with pytest.raises(ValueError, match="--max-kv-size"):
+        next(generate_step(mx.array(PROMPTS[0]), model, max_kv_size=16))
+    with pytest.raises(ValueError, match="--max-kv-size"):
+        lm_cache.make_prompt_cache(model, max_kv_size=16)
+    assert len(lm_cache.make_prompt_cache(model)) == model.num_cache_slots
