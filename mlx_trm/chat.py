@@ -22,16 +22,9 @@ import mlx.nn as nn
 
 from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
 from .blas import warn_if_slow_blas
+from .cli import add_model_arguments, add_sampling_arguments, load_for_generation
 from .config import ConfigError, cli_errors
-from .generate import (
-    GenerationResponse,
-    add_model_arguments,
-    add_sampling_arguments,
-    load_for_generation,
-    make_sampler,
-    print_stats,
-    stream_generate,
-)
+from .generate import GenerationResponse, make_sampler, print_stats, stream_generate
 
 HELP = """\
 Type text and the model continues the story; an empty line lets it go on.

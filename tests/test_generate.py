@@ -28,6 +28,7 @@ from tests.conftest import reference_cases, save_small_model
 
 # the module: mlx_trm.generate may also name the package's generate() function
 gen = importlib.import_module("mlx_trm.generate")
+decoders = importlib.import_module("mlx_trm.models.decoders")  # where the cache blocks are read
 
 MOE = dict(use_moeut=True, moe_ff_n_experts=4, moe_ff_expert_size=8, moe_ff_k=2,
            moe_att_n_experts=2, moe_att_k=1)
@@ -101,7 +102,7 @@ def test_cached_greedy_and_sampled_ids_equal_uncached(kind):
 def test_attention_window_stays_exact_across_its_blocks(kind, monkeypatch):
     # decode attention reads the written columns rounded up to WINDOW_BLOCK: a small block makes
     # the window (and the compiled trace) change many times within the sequence
-    monkeypatch.setattr(gen, "WINDOW_BLOCK", 4)
+    monkeypatch.setattr(decoders, "WINDOW_BLOCK", 4)
     model = small_model(kind)
     seq = PROMPT + [int(t) for t in mx.random.randint(1, 97, (24,), key=mx.random.key(2))]
     full = full_logits(model, seq)
@@ -195,7 +196,7 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(kind, use_cach
 
 
 def test_cache_grows_past_its_first_capacity(monkeypatch):
-    monkeypatch.setattr(gen, "CACHE_BLOCK", 8)
+    monkeypatch.setattr(decoders, "CACHE_BLOCK", 8)
     model = small_model("dense")
     ids = []
     for t, _ in generate_step(PROMPT, model, max_tokens=-1):  # unbounded: grown block by block
@@ -467,7 +468,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(model_dir, capsys, argv, messa
 
 
 def test_cli_missing_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(gen, "DEMO_MODEL", tmp_path / "no-demo")
+    import mlx_trm.cli
+
+    monkeypatch.setattr(mlx_trm.cli, "DEMO_MODEL", tmp_path / "no-demo")  # where it is read
     for argv in (["--model", str(tmp_path / "nope")], []):
         with pytest.raises(SystemExit) as exit_info:
             gen.main(argv)
