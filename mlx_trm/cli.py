@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
+from mlx_lm.sample_utils import make_logits_processors
 
 from .checkpoint import load
 from .config import ConfigError
@@ -87,4 +88,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temp: float = 0.0,
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus mass (0 or 1: off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0: off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="mlx-lm's: divide positive (multiply negative) logits of recent "
+                             "tokens by this (1 or 0: off)")
+    parser.add_argument("--repetition-context-size", type=int, default=20,
+                        help="tokens of prompt + reply the repetition penalty looks back over")
+
+
+def logits_processors_from_args(args: argparse.Namespace) -> list[Any]:
+    """mlx-lm's logits processors for --repetition-penalty (none when it is off)."""
+    if args.repetition_penalty is not None and args.repetition_penalty < 0:
+        raise ConfigError(f"--repetition-penalty must be >= 0 (got {args.repetition_penalty})")
+    if args.repetition_context_size < 1:
+        raise ConfigError("--repetition-context-size must be >= 1 "
+                          f"(got {args.repetition_context_size})")
+    return make_logits_processors(repetition_penalty=args.repetition_penalty,
+                                  repetition_context_size=args.repetition_context_size)
 

@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.sample_utils import (  # noqa: F401  (re-exported: mlx_trm.generate's names)
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+)
+from mlx_lm.sample_utils import make_sampler as _mlx_lm_make_sampler
 
 from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
 from .blas import blas_threads, loaded_blas, warn_if_slow_blas
@@ -36,6 +43,7 @@ from .cli import (  # noqa: F401  (re-exported: mlx_trm.generate is where they u
     add_model_arguments,
     add_sampling_arguments,
     load_for_generation,
+    logits_processors_from_args,
     read_prompts,
     resolve_model_path,
 )
@@ -48,15 +56,28 @@ from .models.decoders import (  # noqa: F401  (re-exported, as above)
     compiled_decode_step,
     left_pad,
 )
-from .samplers import (  # noqa: F401  (re-exported: mlx_trm.generate is the public home)
-    Sampler,
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    greedy,
-    make_sampler,
-)
 from .tokenizer import StreamingDetokenizer, decode_continuation  # noqa: F401  (re-exported)
+
+Sampler = Callable[[mx.array], mx.array]  # log-probabilities [B, V] -> token ids [B]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (token history, logits) -> logits
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
+                 top_k: int = 0) -> Sampler:
+    """mlx-lm's ``make_sampler`` (top-p, then min-p, then top-k, then temperature), with bad
+    settings refused as one-line errors up front rather than mid-generation."""
+    if temp < 0:
+        raise ConfigError(f"temperature must be >= 0 (got {temp})")
+    if top_k < 0 or not 0.0 <= top_p <= 1.0 or not 0.0 <= min_p <= 1.0:
+        raise ConfigError(f"need top_k >= 0 and top_p, min_p in [0, 1] (got top_k={top_k}, "
+                          f"top_p={top_p}, min_p={min_p})")
+    if temp == 0:
+        return greedy
+    return _mlx_lm_make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
@@ -67,13 +88,16 @@ def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
 
 def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_tokens: int = 256,
                     sampler: Sampler | None = None, use_cache: bool = True, compile: bool = True,
-                    prefill_step_size: int = 512, halt_policy: Any = None
+                    prefill_step_size: int = 512, halt_policy: Any = None,
+                    logits_processors: Sequence[LogitsProcessor] | None = None
                     ) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield ``(tokens [B], logprobs [B, V])`` for a batch of prompts, one step at a time.
 
     ``max_tokens < 0`` is unbounded. The next step is queued before the current token is
     handed out (mlx-lm's pipelining), so Python overhead overlaps the computation.
     ``halt_policy`` (mlx_trm.adaptive) halts each token's ACT steps on its own.
+    ``logits_processors`` (mlx-lm's, e.g. ``make_logits_processors(repetition_penalty=1.3)``)
+    see each row alone, with that row's prompt and generated tokens as its history.
     """
     _check_prompts(prompts)
     decoder_class = CachedDecoder if use_cache else FullForwardDecoder
@@ -88,7 +112,17 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
                            prefill_step_size=prefill_step_size, **kwargs)
     sampler = sampler or greedy
 
+    history = [mx.array(p, dtype=mx.int32) for p in prompts]
+
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        if logits_processors:  # one row at a time: mlx-lm's processors index logits[:, history]
+            rows = []
+            for i, h in enumerate(history):
+                row = logits[i:i + 1]
+                for processor in logits_processors:
+                    row = processor(h, row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs
 
@@ -100,6 +134,9 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
     with blas_threads(1) if use_cache else nullcontext():
         n = 0
         while True:
+            if logits_processors:
+                history = [mx.concatenate([h, y[i:i + 1].astype(mx.int32)])
+                           for i, h in enumerate(history)]
             if n + 1 != max_tokens:
                 next_y, next_logprobs = sample(decode(y))
                 mx.async_eval(next_y, next_logprobs)
@@ -312,9 +349,10 @@ def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
     result = batch_generate(model, tokenizer, prompts, args.max_tokens, batch_size=args.batch_size,
                             ignore_eos=args.ignore_eos, sampler=sampler,
                             use_cache=not args.no_cache, compile=not args.no_compile,
-                            halt_policy=policy)
+                            halt_policy=policy, logits_processors=logits_processors_from_args(args))
     settings = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
                 "min_p": args.min_p, "seed": args.seed,
+                "repetition_penalty": args.repetition_penalty,
                 "halt_max_steps": model.args.halt_max_steps, "L_cycles": model.args.L_cycles}
     lines = [json.dumps({"id": i, "prompt": p, "completion": text.rstrip(),
                          "generation_tokens": len(ids), "finish_reason": reason, **settings})
@@ -389,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     response = None
     for response in stream_generate(model, tokenizer, ids, args.max_tokens, sampler=sampler,
                                     ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
-                                    compile=not args.no_compile, halt_policy=policy):
+                                    compile=not args.no_compile, halt_policy=policy,
+                                    logits_processors=logits_processors_from_args(args)):
         print(response.text, end="", flush=True)
     print()
     if response is not None:

@@ -20,6 +20,7 @@ from mlx_trm.generate import (
     check_length,
     generate_step,
     generate_tokens,
+    make_logits_processors,
     make_sampler,
     stream_generate,
 )
@@ -296,18 +297,19 @@ def test_mlx_lm_generate_step_drives_the_model():
 # Samplers
 
 
-def test_top_k_keeps_ties_and_top_p_min_p_filter():
+def test_top_k_top_p_min_p_filter():
     lp = mx.log(mx.array([[0.4, 0.2, 0.2, 0.1, 0.1]]))
     kept = lambda out: np.isfinite(np.array(out))[0].tolist()  # noqa: E731
     assert kept(apply_top_k(lp, 1)) == [True, False, False, False, False]
-    assert kept(apply_top_k(lp, 2)) == [True, True, True, False, False]  # tie with the 2nd kept
-    assert kept(apply_top_p(lp, 0.5)) == [True, True, False, False, False] or \
-        kept(apply_top_p(lp, 0.5)) == [True, False, True, False, False]
-    assert kept(apply_top_p(lp, 0.85)).count(True) == 4
+    # mlx-lm's top-k keeps exactly k (the reference's kept ties with the k-th as well)
+    assert kept(apply_top_k(lp, 2)).count(True) == 2 and kept(apply_top_k(lp, 2))[0]
+    # mlx-lm's top-p cuts at a log-probability: a tie at the cut keeps both tied tokens
+    assert kept(apply_top_p(lp, 0.5)) == [True, True, True, False, False]
+    assert kept(apply_top_p(lp, 0.85)) == [True] * 5  # the two 0.1s tie at the cut
     assert kept(apply_top_p(lp, 0.3)) == [True, False, False, False, False]
     assert kept(apply_min_p(lp, 0.5)) == [True, True, True, False, False]
     assert kept(apply_min_p(lp, 0.2)) == [True] * 5
-    assert np.array_equal(np.array(apply_top_k(lp, 2))[0, :3], np.array(lp)[0, :3])
+    assert np.array_equal(np.array(apply_top_k(lp, 1))[0, :1], np.array(lp)[0, :1])
 
 
 def test_samplers_draw_only_kept_tokens_and_seed_reproduces():
@@ -322,6 +324,30 @@ def test_samplers_draw_only_kept_tokens_and_seed_reproduces():
     a = sampler(lp).tolist()
     mx.random.seed(3)
     assert sampler(lp).tolist() == a
+
+
+def test_repetition_penalty_is_mlx_lms_processor_per_row():
+    from mlx_lm.sample_utils import make_repetition_penalty
+
+    model = small_model("dense_act")
+    prompts = [PROMPT, PROMPT[2:]]
+    n, penalty, context = 12, 3.0, 5
+    processors = make_logits_processors(repetition_penalty=penalty,
+                                        repetition_context_size=context)
+    got = [y.tolist() for y, _ in generate_tokens(prompts, model, max_tokens=n,
+                                                  logits_processors=processors)]
+    plain = [y.tolist() for y, _ in generate_tokens(prompts, model, max_tokens=n)]
+    assert got != plain  # the penalty changes greedy output on this model
+    # by hand: full forward over each row's history, mlx-lm's processor, argmax
+    processor = make_repetition_penalty(penalty, context)
+    for row, prompt in enumerate(prompts):
+        history = list(prompt)
+        for step in range(n):
+            logits = model(mx.array([history]))[:, -1]
+            logits = processor(mx.array(history), logits)
+            token = int(mx.argmax(logits, axis=-1).item())
+            assert token == got[step][row], (row, step)
+            history.append(token)
 
 
 def test_temperature_zero_is_argmax():
