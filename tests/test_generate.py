@@ -522,3 +522,15 @@ def test_sweep_script_writes_tokens_per_second(model_dir, tmp_path):
     assert settings[:2] == [(0.0, 0, 1, 42), (0.3, 10, 1, 43)] and len(settings) == 8
     assert settings[4] == (0.0, 0, 8, 46)
     assert all(g["tokens_per_sec"] > 0 and len(g["stories"]) == 10 for g in result["generations"])
+
+
+def test_cli_repetition_penalty_changes_the_story_and_is_checked(model_dir, capsys):
+    base = ["--model", str(model_dir), "--prompt", "Once upon a time", "--max-tokens", "24",
+            "--ignore-eos"]
+    plain = run_cli(capsys, base).out.split("==========")[1]
+    penalised = run_cli(capsys, base + ["--repetition-penalty", "5",
+                                        "--repetition-context-size", "64"]).out
+    assert penalised.split("==========")[1] != plain
+    with pytest.raises(SystemExit):
+        gen.main(base + ["--repetition-penalty", "-1"])
+    assert "--repetition-penalty" in capsys.readouterr().err
