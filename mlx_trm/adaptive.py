@@ -10,21 +10,14 @@ as soon as a criterion holds after ACT step k (step 0 is the initial latent ``H_
 - ``q``:      q_continue - q_halt is below the threshold (the model's q head read at every
               position; threshold 0 is the model's own rule, q_halt > q_continue).
 
-A halted position keeps its latents, so its logits are those of its last computed step. Its keys
-and values for the steps it skipped are those of its last computed step at the same stage (the
-same layer application inside the ACT step): a later token at ACT step k, stage s, attends to
-every earlier position's step-min(k, n_p) entry of stage s. That is the policy of Huginn's
-adaptive decoding (reuse the latest computed step), and it keeps every stage causal, so:
-
-- :func:`adaptive_forward` (teacher-forced evaluation) runs one parallel forward per ACT step
-  over the whole sequence; halted positions' keys/values are frozen with ``where``;
-- :class:`AdaptiveDecoder` prefills the prompt with the same rule per position, then runs each
-  new token's ACT steps one at a time and stops when it halts (at batch 1 the skipped steps
-  cost nothing but the copy of its keys/values into their slots); rows of a batch halt
-  independently and the batch stops when every row has.
-
-Both give the same logits (tests/test_adaptive.py). With threshold 0, ``kl`` and ``latent``
-never hold, so every position runs all steps: today's fixed-depth forward, exactly.
+A halted position keeps its latents (its logits are those of its last computed step) and, for
+the steps it skipped, the keys/values of its last computed step at the same stage: Huginn's
+adaptive decoding policy, which keeps every stage causal. :func:`adaptive_forward`
+(teacher-forced evaluation) runs one parallel forward per ACT step over the whole sequence,
+freezing halted positions with ``where``; :class:`AdaptiveDecoder` prefills the prompt with the
+same rule, then runs each new token's ACT steps one at a time until it halts (rows of a batch
+halt independently). Both give the same logits (tests/test_adaptive.py). With threshold 0,
+``kl`` and ``latent`` never hold: every position runs all steps, today's fixed-depth forward.
 """
 
 from __future__ import annotations

@@ -22,16 +22,14 @@ import mlx.nn as nn
 
 from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
 from .blas import warn_if_slow_blas
-from .config import ConfigError, cli_errors
-from .generate import (
-    GenerationResponse,
+from .cli import (
     add_model_arguments,
     add_sampling_arguments,
     load_for_generation,
-    make_sampler,
-    print_stats,
-    stream_generate,
+    logits_processors_from_args,
 )
+from .config import ConfigError, cli_errors
+from .generate import GenerationResponse, make_sampler, print_stats, stream_generate
 
 HELP = """\
 Type text and the model continues the story; an empty line lets it go on.
@@ -48,11 +46,13 @@ class StorySession:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_tokens: int = 200,
                  temp: float = 0.7, top_k: int = 40, top_p: float = 0.0, min_p: float = 0.0,
-                 compile: bool = True, halt_policy: Any = None):
+                 compile: bool = True, halt_policy: Any = None,
+                 logits_processors: list[Any] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.halt_policy = halt_policy  # mlx_trm.adaptive: per-token halting (None: all steps)
         self.top_k, self.top_p, self.min_p = top_k, top_p, min_p
         self.compile = compile
+        self.logits_processors = logits_processors  # mlx-lm's (--repetition-penalty)
         self.context: list[int] = []
         self.dropped = 0  # tokens slid out of the window so far
         self.stats = False  # print statistics after each reply
@@ -88,7 +88,8 @@ class StorySession:
             self.halt_policy.tokens = self.halt_policy.act_steps = 0
         for response in stream_generate(self.model, self.tokenizer, self.context,
                                         self.max_tokens, sampler=self.sampler,
-                                        compile=self.compile, halt_policy=self.halt_policy):
+                                        compile=self.compile, halt_policy=self.halt_policy,
+                                        logits_processors=self.logits_processors):
             if response.finish_reason != "stop":
                 self.context.append(response.token)
             self.last = response
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     session = StorySession(model, tokenizer, max_tokens=max_tokens, temp=args.temp,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                            compile=not args.no_compile,
-                           halt_policy=policy_from_args(model, args))
+                           halt_policy=policy_from_args(model, args),
+                           logits_processors=logits_processors_from_args(args))
     session.stats = args.stats
     repl(session, sys.stdin, sys.stdout)
 

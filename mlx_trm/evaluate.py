@@ -19,12 +19,11 @@ from rich.progress import Progress
 
 from .adaptive import add_adaptive_arguments, evaluate_adaptive, policy_from_args
 from .blas import warn_if_slow_blas
-from .checkpoint import load
+from .cli import add_model_arguments, load_for_generation
 from .config import ConfigError, cli_errors
 from .data import iterate_batches, load_tokens, num_batches
 from .models import Model, act_loss, act_step, initial_carry
 from .sources import resolve_source
-from .tokenizer import load_tokenizer
 
 
 def predicted_bytes(tokenizer: Any, labels: np.ndarray) -> int:
@@ -133,24 +132,16 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mlx_trm.evaluate",
                                      description="Held-out cross-entropy of a model directory.")
-    parser.add_argument("--model", required=True, help="model directory (or run directory)")
+    add_model_arguments(parser, required=True)
     parser.add_argument("--data", required=True, help="stories: a file, directory or hub id")
     parser.add_argument("--split", default="validation", help="split of --data (default valid)")
     parser.add_argument("--max-stories", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=None, help="default: the model's")
-    parser.add_argument("--tokenizer", default=None, help="if the model dir has none")
-    parser.add_argument("--halt-max-steps", type=int, default=None,
-                        help="test-time ACT steps (default: the model's)")
-    parser.add_argument("--l-cycles", type=int, default=None, help="test-time L_cycles")
     add_adaptive_arguments(parser)
     args = parser.parse_args(argv)
     warn_if_slow_blas()
-    overrides = {k: v for k, v in (("halt_max_steps", args.halt_max_steps),
-                                   ("L_cycles", args.l_cycles)) if v is not None}
-    model, tokenizer = load(args.model, model_config=overrides)
-    if args.tokenizer is not None or tokenizer is None:
-        tokenizer = load_tokenizer(args.tokenizer)
+    model, tokenizer = load_for_generation(args)
     policy = policy_from_args(model, args)
     if policy is not None:  # the same per-token halting as generation, teacher-forced
         return _print_adaptive(evaluate_adaptive(

@@ -3,13 +3,9 @@
     mlx_trm.generate --model DIR --prompt "Once upon a time" --max-tokens 200 --temp 0.8 --top-k 40
     mlx_trm.generate --model DIR --prompts-file prompts.txt --output stories.jsonl
 
-The shape is mlx-lm's. A step of a recursive model runs every layer application of every ACT step
-(56 for ``trm_tinystories_1m``); the reference re-ran all of them over the whole sequence for every
-new token (seed-reference.md §11). Every stage is causal, so a KV cache with one slot per layer
-application is exact (models/cache.py): the prompt is prefilled stage by stage, then each new
-position runs alone through all stages. A decode step is dominated by per-operation overhead at
-this size, so it is one ``mx.compile``-d function over fixed-capacity buffers: the write column and
-the RoPE positions are arrays, and the trace is reused for every token.
+The shape is mlx-lm's. The decoders (models/decoders.py) turn prompts into next-token logits
+through the recursion-aware KV cache; this module samples from them, streams text
+(tokenizer.StreamingDetokenizer) and batches prompts; cli.py holds the shared CLI helpers.
 
 Prompts are never given a BOS (the reference has none), so an empty prompt cannot be run. Several
 prompts run as one batch, left-padded: each row has its own RoPE positions and never attends to
@@ -32,142 +28,78 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-
-from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
-from .blas import blas_threads, loaded_blas, warn_if_slow_blas
-from .config import ConfigError, cli_errors
-from .models.cache import BatchKVCache, CachePositions, grow_batch_cache, make_batch_cache
-from .samplers import (  # noqa: F401  (re-exported: mlx_trm.generate is the public home)
-    Sampler,
+from mlx_lm.sample_utils import (  # noqa: F401  (re-exported: mlx_trm.generate's names)
     apply_min_p,
     apply_top_k,
     apply_top_p,
-    greedy,
-    make_sampler,
+    make_logits_processors,
 )
+from mlx_lm.sample_utils import make_sampler as _mlx_lm_make_sampler
 
-CACHE_BLOCK = 256  # cache buffers hold prompt + max_tokens rounded up to this; grown by it
-WINDOW_BLOCK = 64  # decode attention reads the written columns rounded up to this (a trace each)
-DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "model"
+from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
+from .blas import blas_threads, loaded_blas, warn_if_slow_blas
+from .cli import (  # noqa: F401  (re-exported: mlx_trm.generate is where they used to live)
+    DEMO_MODEL,
+    add_model_arguments,
+    add_sampling_arguments,
+    load_for_generation,
+    logits_processors_from_args,
+    read_prompts,
+    resolve_model_path,
+)
+from .config import ConfigError, cli_errors
+from .models.decoders import (  # noqa: F401  (re-exported, as above)
+    CACHE_BLOCK,
+    WINDOW_BLOCK,
+    CachedDecoder,
+    FullForwardDecoder,
+    compiled_decode_step,
+    left_pad,
+)
+from .tokenizer import StreamingDetokenizer, decode_continuation  # noqa: F401  (re-exported)
 
-# ----------------------------------------------------------------------------------------------
-# Decoders: prompt in, next-token logits [B, V] out, one call per new token.
+Sampler = Callable[[mx.array], mx.array]  # log-probabilities [B, V] -> token ids [B]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (token history, logits) -> logits
 
 
-def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[mx.array, list[int]]:
-    """Prompts as one [B, L] batch padded on the left with id 0, and the padding of each row."""
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
+                 top_k: int = 0) -> Sampler:
+    """mlx-lm's ``make_sampler`` (top-p, then min-p, then top-k, then temperature), with bad
+    settings refused as one-line errors up front rather than mid-generation."""
+    if temp < 0:
+        raise ConfigError(f"temperature must be >= 0 (got {temp})")
+    if top_k < 0 or not 0.0 <= top_p <= 1.0 or not 0.0 <= min_p <= 1.0:
+        raise ConfigError(f"need top_k >= 0 and top_p, min_p in [0, 1] (got top_k={top_k}, "
+                          f"top_p={top_p}, min_p={min_p})")
+    if temp == 0:
+        return greedy
+    return _mlx_lm_make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("a prompt is empty (no tokens); the model adds no BOS, so generation "
                           "needs at least one prompt token")
-    L = max(len(p) for p in prompts)
-    padding = [L - len(p) for p in prompts]
-    return mx.array([[0] * n + list(p) for n, p in zip(padding, prompts)], dtype=mx.int32), padding
-
-
-def _decode_step(model: nn.Module) -> Callable:
-    """One decode step through all cache slots, as a pure function of arrays (compilable)."""
-
-    def step(tokens: mx.array, index: mx.array, left_padding: mx.array,
-             keys: list[mx.array], values: list[mx.array], window: int | None = None):
-        positions = CachePositions(index, left_padding, keys[0].shape[2], window)
-        cache = [BatchKVCache(positions, k, v) for k, v in zip(keys, values)]
-        logits = model(tokens[:, None], cache=cache)[:, -1]
-        return logits, [c.keys for c in cache], [c.values for c in cache]
-
-    return step
-
-
-def compiled_decode_step(model: nn.Module) -> Callable:
-    """The model's compiled decode step, made once per model: a new closure per generation
-    would be traced again before its first token (16 ms for trm_1m, 100 ms for MoEUT+ACT)."""
-    step = model.__dict__.get("_compiled_decode_step")
-    if step is None:
-        # the weights are inputs, not constants: a model updated later (training) stays right
-        step = mx.compile(_decode_step(model), inputs=model.state)
-        object.__setattr__(model, "_compiled_decode_step", step)
-    return step
-
-
-class CachedDecoder:
-    """Prefill the prompts stage by stage into the recursion-aware cache, then decode one
-    position per call through all stages (compiled by default)."""
-
-    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, *,
-                 compile: bool = True, prefill_step_size: int = 512):
-        self.model = model
-        self.tokens, padding = left_pad(prompts)
-        self.length = self.tokens.shape[1]  # columns written once the prompt is in
-        # Room for the whole generation up front (one trace), within reason: beyond it the
-        # buffers grow a block at a time.
-        room = min(max_tokens, 8 * CACHE_BLOCK) if max_tokens > 0 else CACHE_BLOCK
-        capacity = -(-(self.length + room) // CACHE_BLOCK) * CACHE_BLOCK
-        self.positions, self.cache = make_batch_cache(model.num_cache_slots, padding, capacity)
-        self.prefill_step_size = prefill_step_size
-        self._step = compiled_decode_step(model) if compile else _decode_step(model)
-
-    def prefill(self) -> mx.array:
-        L, n = self.length, self.prefill_step_size
-        for start in range(0, L, n):
-            chunk = self.tokens[:, start:start + n]
-            self.positions.window = start + chunk.shape[1]
-            logits = self.model(chunk, cache=self.cache)[:, -1]
-            self.positions.advance(chunk.shape[1])
-            if start + n < L:  # keep the graph of a long prompt small
-                mx.eval([c.state for c in self.cache])
-        return logits
-
-    def __call__(self, tokens: mx.array) -> mx.array:
-        pos = self.positions
-        if self.length + 1 > pos.capacity:  # unbounded generation: grow (retraces once)
-            grow_batch_cache(pos, self.cache, CACHE_BLOCK)
-        keys = [c.keys for c in self.cache]
-        values = [c.values for c in self.cache]
-        # Attend over the written columns rounded up to a block: one trace per block, and a
-        # step's attention costs in proportion to the columns it reads.
-        window = -(-(self.length + 1) // WINDOW_BLOCK) * WINDOW_BLOCK
-        logits, keys, values = self._step(tokens, pos.index, pos.left_padding, keys, values,
-                                          min(window, pos.capacity))
-        for c, k, v in zip(self.cache, keys, values):
-            c.keys, c.values = k, v
-        pos.advance(1)
-        self.length += 1
-        return logits
-
-
-class FullForwardDecoder:
-    """The reference's loop (``--no-cache``): re-run the whole sequence so far for every token.
-
-    The reference right-pads to 512 and reads the logits at the last filled position; causality
-    makes those equal to the last logits of the unpadded sequence, so no padding is run.
-    """
-
-    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, **_):
-        self.model = model
-        self.tokens, self.padding = left_pad(prompts)
-
-    def prefill(self) -> mx.array:
-        tokens = self.tokens
-        if not any(self.padding):
-            return self.model(tokens)[:, -1]
-        # Rows of different lengths: a throwaway cache supplies the padding mask and positions.
-        _, cache = make_batch_cache(self.model.num_cache_slots, self.padding, tokens.shape[1])
-        return self.model(tokens, cache=cache)[:, -1]
-
-    def __call__(self, tokens: mx.array) -> mx.array:
-        self.tokens = mx.concatenate([self.tokens, tokens[:, None].astype(mx.int32)], axis=1)
-        return self.prefill()
 
 
 def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_tokens: int = 256,
                     sampler: Sampler | None = None, use_cache: bool = True, compile: bool = True,
-                    prefill_step_size: int = 512, halt_policy: Any = None
+                    prefill_step_size: int = 512, halt_policy: Any = None,
+                    logits_processors: Sequence[LogitsProcessor] | None = None
                     ) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield ``(tokens [B], logprobs [B, V])`` for a batch of prompts, one step at a time.
 
     ``max_tokens < 0`` is unbounded. The next step is queued before the current token is
     handed out (mlx-lm's pipelining), so Python overhead overlaps the computation.
     ``halt_policy`` (mlx_trm.adaptive) halts each token's ACT steps on its own.
+    ``logits_processors`` (mlx-lm's, e.g. ``make_logits_processors(repetition_penalty=1.3)``)
+    see each row alone, with that row's prompt and generated tokens as its history.
     """
+    _check_prompts(prompts)
     decoder_class = CachedDecoder if use_cache else FullForwardDecoder
     kwargs = {}
     if halt_policy is not None:
@@ -180,7 +112,17 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
                            prefill_step_size=prefill_step_size, **kwargs)
     sampler = sampler or greedy
 
+    history = [mx.array(p, dtype=mx.int32) for p in prompts]
+
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        if logits_processors:  # one row at a time: mlx-lm's processors index logits[:, history]
+            rows = []
+            for i, h in enumerate(history):
+                row = logits[i:i + 1]
+                for processor in logits_processors:
+                    row = processor(h, row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs
 
@@ -192,6 +134,9 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
     with blas_threads(1) if use_cache else nullcontext():
         n = 0
         while True:
+            if logits_processors:
+                history = [mx.concatenate([h, y[i:i + 1].astype(mx.int32)])
+                           for i, h in enumerate(history)]
             if n + 1 != max_tokens:
                 next_y, next_logprobs = sample(decode(y))
                 mx.async_eval(next_y, next_logprobs)
@@ -220,42 +165,6 @@ def generate_step(prompt: mx.array | Sequence[int], model: nn.Module, *, max_tok
 # Text
 
 
-class StreamingDetokenizer:
-    """Decode generated ids as they come, returning only the new text each time.
-
-    The last prompt ids are decoded with them, so a SentencePiece word-initial space ("▁there")
-    survives; text ending in an incomplete UTF-8 sequence (byte fallback) is held back.
-    """
-
-    def __init__(self, tokenizer: Any, context: Sequence[int] = ()):
-        self.tokenizer = tokenizer
-        self.context = list(context)[-4:]
-        self.prefix = tokenizer.decode(self.context)
-        self.tokens: list[int] = []
-        self.text = ""
-
-    def add_token(self, token: int) -> None:
-        self.tokens.append(token)
-
-    def _full(self) -> str:
-        full = self.tokenizer.decode(self.context + self.tokens)
-        if full.startswith(self.prefix):
-            return full[len(self.prefix):]
-        return self.tokenizer.decode(self.tokens)
-
-    def segment(self, final: bool = False) -> str:
-        full = self._full()
-        if full.endswith("\ufffd") and not final:
-            return ""
-        new, self.text = full[len(self.text):], full
-        return new
-
-
-def decode_continuation(tokenizer: Any, prompt: Sequence[int], ids: Sequence[int]) -> str:
-    """The text that ``ids`` add after ``prompt`` (word-initial spaces kept)."""
-    detokenizer = StreamingDetokenizer(tokenizer, prompt)
-    detokenizer.tokens = list(ids)
-    return detokenizer.segment(final=True)
 
 
 @dataclass
@@ -428,77 +337,6 @@ def batch_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Seq
     return BatchResult(texts, out_tokens, reasons, stats)
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one per line), a .jsonl file ({"prompt": ...} or a string per
-    line) or a .json list."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"prompts file {path} not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".json":
-            items = json.loads(text)
-        elif path.suffix == ".jsonl":
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            items = [line for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
-    prompts = [item["prompt"] if isinstance(item, dict) and "prompt" in item else item
-               for item in (items if isinstance(items, list) else [])]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"{path} holds no prompts: write one per line, or JSON lines with a "
-                          "'prompt' field")
-    return prompts
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def resolve_model_path(path: str | None) -> Path:
-    if path is not None:
-        return Path(path)
-    if (DEMO_MODEL / "config.json").is_file():
-        return DEMO_MODEL
-    raise ConfigError("no --model given and no packaged demo model is installed; pass --model DIR "
-                      "(a directory written by mlx_trm.train, mlx_trm.save or mlx_trm.convert)")
-
-
-def load_for_generation(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """Model and tokenizer from the shared --model/--tokenizer/--halt-max-steps/--l-cycles."""
-    from .checkpoint import load
-    from .tokenizer import load_tokenizer
-
-    overrides = {k: v for k, v in (("halt_max_steps", args.halt_max_steps),
-                                   ("L_cycles", args.l_cycles)) if v is not None}
-    model, tokenizer = load(resolve_model_path(args.model), model_config=overrides)
-    if args.tokenizer is not None or tokenizer is None:
-        tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                          f"{model.args.vocab_size}; pass the model's tokenizer with --tokenizer")
-    return model, tokenizer
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model directory")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer if the model directory has none (default: packaged)")
-    parser.add_argument("--halt-max-steps", type=int, default=None,
-                        help="test-time ACT refinement steps (default: the model's)")
-    parser.add_argument("--l-cycles", type=int, default=None,
-                        help="test-time L_cycles (default: the model's)")
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, temp: float = 0.0,
-                           top_k: int = 0) -> None:
-    parser.add_argument("--temp", type=float, default=temp, help="temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=top_k, help="keep the k most likely (0: off)")
-    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus mass (0 or 1: off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0: off)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-
 
 def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
                 sampler: Sampler, policy: Any = None) -> None:
@@ -511,9 +349,10 @@ def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
     result = batch_generate(model, tokenizer, prompts, args.max_tokens, batch_size=args.batch_size,
                             ignore_eos=args.ignore_eos, sampler=sampler,
                             use_cache=not args.no_cache, compile=not args.no_compile,
-                            halt_policy=policy)
+                            halt_policy=policy, logits_processors=logits_processors_from_args(args))
     settings = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
                 "min_p": args.min_p, "seed": args.seed,
+                "repetition_penalty": args.repetition_penalty,
                 "halt_max_steps": model.args.halt_max_steps, "L_cycles": model.args.L_cycles}
     lines = [json.dumps({"id": i, "prompt": p, "completion": text.rstrip(),
                          "generation_tokens": len(ids), "finish_reason": reason, **settings})
@@ -588,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     response = None
     for response in stream_generate(model, tokenizer, ids, args.max_tokens, sampler=sampler,
                                     ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
-                                    compile=not args.no_compile, halt_policy=policy):
+                                    compile=not args.no_compile, halt_policy=policy,
+                                    logits_processors=logits_processors_from_args(args)):
         print(response.text, end="", flush=True)
     print()
     if response is not None:

@@ -28,6 +28,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -337,3 +338,41 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     if p.suffix == ".json":
         return _gpt_neo_from_json(p)
     return _load_spm_file(p)
+
+
+class StreamingDetokenizer:
+    """Decode generated ids as they come, returning only the new text each time.
+
+    The last prompt ids are decoded with them, so a SentencePiece word-initial space ("▁there")
+    survives; text ending in an incomplete UTF-8 sequence (byte fallback) is held back.
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.context = list(context)[-4:]
+        self.prefix = tokenizer.decode(self.context)
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def add_token(self, token: int) -> None:
+        self.tokens.append(token)
+
+    def _full(self) -> str:
+        full = self.tokenizer.decode(self.context + self.tokens)
+        if full.startswith(self.prefix):
+            return full[len(self.prefix):]
+        return self.tokenizer.decode(self.tokens)
+
+    def segment(self, final: bool = False) -> str:
+        full = self._full()
+        if full.endswith("\ufffd") and not final:
+            return ""
+        new, self.text = full[len(self.text):], full
+        return new
+
+
+def decode_continuation(tokenizer: Any, prompt: Sequence[int], ids: Sequence[int]) -> str:
+    """The text that ``ids`` add after ``prompt`` (word-initial spaces kept)."""
+    detokenizer = StreamingDetokenizer(tokenizer, prompt)
+    detokenizer.tokens = list(ids)
+    return detokenizer.segment(final=True)

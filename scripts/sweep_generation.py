@@ -1,4 +1,5 @@
-"""The reference's generation sweep (seed-reference.md §11), with tokens/s per setting.
+"""The original repository's generation sweep (its sampling-settings x ACT-steps grid over ten
+fixed prompts), reproduced here with tokens/s per setting.
 
 10 prompts (classic openings, mid-sentence, action, emotional, problem-solving) generated as one
 batch for every sampling setting {(T=0, k=0), (0.3, 10), (0.5, 20), (0.8, 40)} and every

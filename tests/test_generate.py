@@ -20,6 +20,7 @@ from mlx_trm.generate import (
     check_length,
     generate_step,
     generate_tokens,
+    make_logits_processors,
     make_sampler,
     stream_generate,
 )
@@ -28,6 +29,7 @@ from tests.conftest import reference_cases, save_small_model
 
 # the module: mlx_trm.generate may also name the package's generate() function
 gen = importlib.import_module("mlx_trm.generate")
+decoders = importlib.import_module("mlx_trm.models.decoders")  # where the cache blocks are read
 
 MOE = dict(use_moeut=True, moe_ff_n_experts=4, moe_ff_expert_size=8, moe_ff_k=2,
            moe_att_n_experts=2, moe_att_k=1)
@@ -101,7 +103,7 @@ def test_cached_greedy_and_sampled_ids_equal_uncached(kind):
 def test_attention_window_stays_exact_across_its_blocks(kind, monkeypatch):
     # decode attention reads the written columns rounded up to WINDOW_BLOCK: a small block makes
     # the window (and the compiled trace) change many times within the sequence
-    monkeypatch.setattr(gen, "WINDOW_BLOCK", 4)
+    monkeypatch.setattr(decoders, "WINDOW_BLOCK", 4)
     model = small_model(kind)
     seq = PROMPT + [int(t) for t in mx.random.randint(1, 97, (24,), key=mx.random.key(2))]
     full = full_logits(model, seq)
@@ -195,7 +197,7 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(kind, use_cach
 
 
 def test_cache_grows_past_its_first_capacity(monkeypatch):
-    monkeypatch.setattr(gen, "CACHE_BLOCK", 8)
+    monkeypatch.setattr(decoders, "CACHE_BLOCK", 8)
     model = small_model("dense")
     ids = []
     for t, _ in generate_step(PROMPT, model, max_tokens=-1):  # unbounded: grown block by block
@@ -295,18 +297,19 @@ def test_mlx_lm_generate_step_drives_the_model():
 # Samplers
 
 
-def test_top_k_keeps_ties_and_top_p_min_p_filter():
+def test_top_k_top_p_min_p_filter():
     lp = mx.log(mx.array([[0.4, 0.2, 0.2, 0.1, 0.1]]))
     kept = lambda out: np.isfinite(np.array(out))[0].tolist()  # noqa: E731
     assert kept(apply_top_k(lp, 1)) == [True, False, False, False, False]
-    assert kept(apply_top_k(lp, 2)) == [True, True, True, False, False]  # tie with the 2nd kept
-    assert kept(apply_top_p(lp, 0.5)) == [True, True, False, False, False] or \
-        kept(apply_top_p(lp, 0.5)) == [True, False, True, False, False]
-    assert kept(apply_top_p(lp, 0.85)).count(True) == 4
+    # mlx-lm's top-k keeps exactly k (the reference's kept ties with the k-th as well)
+    assert kept(apply_top_k(lp, 2)).count(True) == 2 and kept(apply_top_k(lp, 2))[0]
+    # mlx-lm's top-p cuts at a log-probability: a tie at the cut keeps both tied tokens
+    assert kept(apply_top_p(lp, 0.5)) == [True, True, True, False, False]
+    assert kept(apply_top_p(lp, 0.85)) == [True] * 5  # the two 0.1s tie at the cut
     assert kept(apply_top_p(lp, 0.3)) == [True, False, False, False, False]
     assert kept(apply_min_p(lp, 0.5)) == [True, True, True, False, False]
     assert kept(apply_min_p(lp, 0.2)) == [True] * 5
-    assert np.array_equal(np.array(apply_top_k(lp, 2))[0, :3], np.array(lp)[0, :3])
+    assert np.array_equal(np.array(apply_top_k(lp, 1))[0, :1], np.array(lp)[0, :1])
 
 
 def test_samplers_draw_only_kept_tokens_and_seed_reproduces():
@@ -321,6 +324,30 @@ def test_samplers_draw_only_kept_tokens_and_seed_reproduces():
     a = sampler(lp).tolist()
     mx.random.seed(3)
     assert sampler(lp).tolist() == a
+
+
+def test_repetition_penalty_is_mlx_lms_processor_per_row():
+    from mlx_lm.sample_utils import make_repetition_penalty
+
+    model = small_model("dense_act")
+    prompts = [PROMPT, PROMPT[2:]]
+    n, penalty, context = 12, 3.0, 5
+    processors = make_logits_processors(repetition_penalty=penalty,
+                                        repetition_context_size=context)
+    got = [y.tolist() for y, _ in generate_tokens(prompts, model, max_tokens=n,
+                                                  logits_processors=processors)]
+    plain = [y.tolist() for y, _ in generate_tokens(prompts, model, max_tokens=n)]
+    assert got != plain  # the penalty changes greedy output on this model
+    # by hand: full forward over each row's history, mlx-lm's processor, argmax
+    processor = make_repetition_penalty(penalty, context)
+    for row, prompt in enumerate(prompts):
+        history = list(prompt)
+        for step in range(n):
+            logits = model(mx.array([history]))[:, -1]
+            logits = processor(mx.array(history), logits)
+            token = int(mx.argmax(logits, axis=-1).item())
+            assert token == got[step][row], (row, step)
+            history.append(token)
 
 
 def test_temperature_zero_is_argmax():
@@ -467,7 +494,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(model_dir, capsys, argv, messa
 
 
 def test_cli_missing_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(gen, "DEMO_MODEL", tmp_path / "no-demo")
+    import mlx_trm.cli
+
+    monkeypatch.setattr(mlx_trm.cli, "DEMO_MODEL", tmp_path / "no-demo")  # where it is read
     for argv in (["--model", str(tmp_path / "nope")], []):
         with pytest.raises(SystemExit) as exit_info:
             gen.main(argv)
@@ -493,3 +522,15 @@ def test_sweep_script_writes_tokens_per_second(model_dir, tmp_path):
     assert settings[:2] == [(0.0, 0, 1, 42), (0.3, 10, 1, 43)] and len(settings) == 8
     assert settings[4] == (0.0, 0, 8, 46)
     assert all(g["tokens_per_sec"] > 0 and len(g["stories"]) == 10 for g in result["generations"])
+
+
+def test_cli_repetition_penalty_changes_the_story_and_is_checked(model_dir, capsys):
+    base = ["--model", str(model_dir), "--prompt", "Once upon a time", "--max-tokens", "24",
+            "--ignore-eos"]
+    plain = run_cli(capsys, base).out.split("==========")[1]
+    penalised = run_cli(capsys, base + ["--repetition-penalty", "5",
+                                        "--repetition-context-size", "64"]).out
+    assert penalised.split("==========")[1] != plain
+    with pytest.raises(SystemExit):
+        gen.main(base + ["--repetition-penalty", "-1"])
+    assert "--repetition-penalty" in capsys.readouterr().err
