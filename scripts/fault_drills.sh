@@ -79,15 +79,28 @@ k=sorted(w)[0]; w[k]=w[k]*float('nan'); mx.save_safetensors(f,w); print('poisone
   check "generate refuses in one line, exit 2" '[ $rc = 2 ] && [ $($PY -m mlx_trm.generate --model $D/poison --prompt Hi 2>&1 | wc -l) = 1 ]'
 }
 
+logged() {  # training records in a run's metrics.jsonl (0 before it exists)
+  local n; n=$(grep -sc '"loss"' "$1/metrics.jsonl"); echo "${n:-0}"
+}
+
 drill_kill() {
   say "2. kill -9 at random moments of a 40-step run that checkpoints every step; resume each time"
   rm -rf $D/ref $D/kill
   show train train.max_steps=40 out_dir=$D/ref --quiet
   for i in 1 2 3 4 5; do
     $PY -m mlx_trm.train $Q train.max_steps=40 out_dir=$D/kill train.resume=true --quiet >$D/kill.log 2>&1 &
-    pid=$!; t=$($PY -c "import random; print(round(random.uniform(7, 12), 2))")
+    pid=$!
+    # start-up (imports, compilation) takes seconds and varies with the load: wait for the run's
+    # first training record of this attempt, then kill at a random instant of the next ~3 s,
+    # which has several steps and checkpoint writes in it
+    n0=$(logged $D/kill)
+    for _ in $(seq 600); do
+      [ "$(logged $D/kill)" -gt "$n0" ] && break
+      sleep 0.1
+    done
+    t=$($PY -c "import random; print(round(random.uniform(0, 3), 2))")
     sleep "$t"; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
-    echo "kill -9 after ${t}s: on disk $(ls -A $D/kill 2>/dev/null | tr '\n' ' ')| model step $(step_of $D/kill 2>/dev/null || echo none)"
+    echo "kill -9 ${t}s after a new step was logged: on disk $(ls -A $D/kill 2>/dev/null | tr '\n' ' ')| model step $(step_of $D/kill 2>/dev/null || echo none)"
   done
   TAIL=6 show train train.max_steps=40 out_dir=$D/kill train.resume=true; rc=$?
   check "resumed run finishes (exit $rc)" '[ $rc = 0 ]'
