@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 __version__ = "0.1.0"
 
 import warnings
@@ -19,24 +17,10 @@ import warnings
 # it is silenced.
 warnings.filterwarnings("ignore", message="'mlx_trm\\.generate' found in sys.modules",
                         category=RuntimeWarning)
+from .checkpoint import load, save  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402
 
-
-def load(path: str, model_config: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    """Load a model directory: ``(model, tokenizer)``, as ``mlx_lm.load``.
-
-    ``model_config`` overrides config fields at load time, e.g. ``{"halt_max_steps": 8}``.
-    """
-    from .checkpoint import load as _load
-
-    return _load(path, model_config)
-
-
-def save(path: str, model: Any, tokenizer: Any = None) -> Any:
-    """Save a model (and tokenizer) as a model directory, atomically."""
-    from .checkpoint import save as _save
-
-    return _save(path, model, tokenizer)
+__all__ = ["generate", "load", "save", "stream_generate"]
 
 
 __all__ = ["__version__", "generate", "load", "save", "stream_generate"]

@@ -32,6 +32,8 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ConfigError
+from .data import iterate_batches, load_eval_tokens
+from .models import act_loss
 from .models.layers import rms_norm
 
 CRITERIA = ("kl", "latent", "q")
@@ -272,16 +274,9 @@ def evaluate_adaptive(model: Any, tokenizer: Any, data: str, policy: HaltPolicy,
                       max_stories: int | None = None, text_field: str = "text",
                       compile: bool = True) -> dict[str, float]:
     """Held-out token CE under ``policy`` (the batches and masking of ``evaluate_model``)."""
-    from .data import iterate_batches, load_tokens
-    from .models import act_loss
-    from .sources import resolve_source
-
     seq_len = seq_len or model.args.seq_len
-    try:
-        source = resolve_source(data, split)
-    except ConfigError:
-        source = resolve_source(data, "train")  # a single file given as is: evaluate it
-    dataset = load_tokens(source, tokenizer, text_field=text_field, max_stories=max_stories)
+    dataset = load_eval_tokens(data, tokenizer, split, text_field=text_field,
+                               max_stories=max_stories)
     sums = np.zeros(4)  # CE sum, tokens, correct, ACT steps over the predicted tokens
     for inputs, labels in iterate_batches(dataset, batch_size, seq_len):
         inputs, labels = mx.array(inputs), mx.array(labels)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import mlx.core as mx
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 FIX = (f"sudo apt-get install libopenblas0-pthread && export LD_PRELOAD={OPENBLAS}")
@@ -39,8 +42,6 @@ def blas_warning() -> str | None:
     """A one-line hint when MLX runs on the Linux CPU with the slow bundled BLAS."""
     if platform.system() != "Linux":
         return None
-    import mlx.core as mx
-
     if mx.default_device() != mx.cpu or loaded_blas() != "reference":
         return None
     return f"warning: MLX is using its slow bundled BLAS (~30x slower matmuls); fix: {FIX}"
@@ -48,8 +49,6 @@ def blas_warning() -> str | None:
 
 def warn_if_slow_blas() -> None:
     """Print :func:`blas_warning` to stderr when it applies (the CLIs call this at start)."""
-    import sys
-
     warning = blas_warning()
     if warning:
         print(warning, file=sys.stderr)
@@ -80,8 +79,6 @@ def blas_threads(n: int) -> Iterator[None]:
     if lib is None:
         yield
         return
-    import mlx.core as mx
-
     mx.synchronize()  # no matmul of queued work may run while the thread count changes
     before = lib.openblas_get_num_threads()
     lib.openblas_set_num_threads(n)

@@ -36,15 +36,25 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint import load, load_weights_strict, save
-from .config import ConfigError, ModelConfig, cli_errors, model_config_from_dict
+from .checkpoint import (
+    load,
+    load_weights_strict,
+    model_weights,
+    read_model_config,
+    resolve_model_dir,
+    save,
+)
+from .config import ConfigError, ModelConfig, TrainConfig, cli_errors, model_config_from_dict
+from .models import build_model
 from .models.moe import to_reference_names
+from .tokenizer import GPTNeo10kTokenizer, SentencePieceTokenizer, load_tokenizer
 
 PREFIX = "model.inner."
 REFERENCE_ARCH = "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"
@@ -137,8 +147,6 @@ def torch_state_to_mlx(state: dict[str, Any], flat: bool) -> dict[str, mx.array]
 def torch_to_mlx(checkpoint_path: str | Path, out_dir: str | Path,
                  tokenizer: str | None = None) -> Path:
     """Convert a reference ``step_N.pt`` into a model directory."""
-    from .models import build_model
-
     checkpoint = read_torch_checkpoint(checkpoint_path)
     raw_state = checkpoint["model_state_dict"]
     stripped = strip_prefix(raw_state)
@@ -148,8 +156,6 @@ def torch_to_mlx(checkpoint_path: str | Path, out_dir: str | Path,
                         str(checkpoint_path))
     tok = None
     if tokenizer is not None:
-        from .tokenizer import load_tokenizer
-
         tok = load_tokenizer(tokenizer)
     reference = {
         "config": json.loads(json.dumps(checkpoint.get("config", {}), default=str)),
@@ -164,8 +170,6 @@ def mlx_to_torch_state(model_dir: str | Path, tokenizer_name: str = NO_TOKENIZER
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A model directory as ``(state_dict, checkpoint_extras)`` in the reference's format."""
     torch = _torch()
-    from .checkpoint import model_weights, read_model_config, resolve_model_dir
-
     model_dir = resolve_model_dir(model_dir)  # a run directory holds its model in model/
     _, raw_config = read_model_config(model_dir)
     model, _ = load(model_dir)
@@ -246,10 +250,6 @@ def _reference_config(args: ModelConfig, tokenizer_name: str,
     """A ``PretrainConfig.model_dump()`` for the model: every arch field written out (the
     reference's defaults differ from ours, e.g. ``forward_dtype``, ``puzzle_emb_len``), the
     training fields from the run's config when known (else our defaults, the reference's)."""
-    from dataclasses import asdict
-
-    from .config import TrainConfig
-
     arch = {"name": REFERENCE_ARCH, "loss": dict(REFERENCE_LOSS)}
     defaults = asdict(ModelConfig())
     for key, value in asdict(args).items():
@@ -276,8 +276,6 @@ def _reference_config(args: ModelConfig, tokenizer_name: str,
 
 def _tokenizer_for_reference(model_dir: Path, out_path: Path) -> str:
     """The ``tokenizer_name`` the reference reads; a SentencePiece model is written beside."""
-    from .tokenizer import GPTNeo10kTokenizer, SentencePieceTokenizer
-
     _, tokenizer = load(model_dir)
     if isinstance(tokenizer, GPTNeo10kTokenizer):
         return GPT_NEO_10K

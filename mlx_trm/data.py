@@ -253,6 +253,16 @@ def load_split(data: DataConfig, split: str, tokenizer: Tokenizer, *,
                        cache_dir=data.cache_dir, progress=progress)
 
 
+def load_eval_tokens(data: str | os.PathLike, tokenizer: Tokenizer, split: str = "validation", *,
+                     text_field: str = "text", max_stories: int | None = None) -> TokenDataset:
+    """The ``split`` of ``data`` for evaluation; a single file (which has no splits) as is."""
+    try:
+        source = resolve_source(data, split)
+    except ConfigError:
+        source = resolve_source(data, "train")
+    return load_tokens(source, tokenizer, text_field=text_field, max_stories=max_stories)
+
+
 # ----------------------------------------------------------------------------- batches
 
 

@@ -20,10 +20,9 @@ from rich.progress import Progress
 from .adaptive import add_adaptive_arguments, evaluate_adaptive, policy_from_args
 from .blas import warn_if_slow_blas
 from .cli import add_model_arguments, load_for_generation
-from .config import ConfigError, cli_errors
-from .data import iterate_batches, load_tokens, num_batches
+from .config import cli_errors
+from .data import iterate_batches, load_eval_tokens, num_batches
 from .models import Model, act_loss, act_step, initial_carry
-from .sources import resolve_source
 
 
 def predicted_bytes(tokenizer: Any, labels: np.ndarray) -> int:
@@ -98,11 +97,8 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
                    max_stories: int | None = None, text_field: str = "text",
                    progress: bool = True) -> dict[str, float]:
     seq_len = seq_len or model.args.seq_len
-    try:
-        source = resolve_source(data, split)
-    except ConfigError:
-        source = resolve_source(data, "train")  # a single file given as is: evaluate it
-    dataset = load_tokens(source, tokenizer, text_field=text_field, max_stories=max_stories)
+    dataset = load_eval_tokens(data, tokenizer, split, text_field=text_field,
+                               max_stories=max_stories)
     n_bytes = 0
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("evaluate", total=num_batches(dataset, batch_size, seq_len))

@@ -36,7 +36,7 @@ from mlx_lm.sample_utils import (  # noqa: F401  (re-exported: mlx_trm.generate'
 )
 from mlx_lm.sample_utils import make_sampler as _mlx_lm_make_sampler
 
-from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
+from .adaptive import AdaptiveDecoder, add_adaptive_arguments, policy_from_args, steps_line
 from .blas import blas_threads, loaded_blas, warn_if_slow_blas
 from .cli import (  # noqa: F401  (re-exported: mlx_trm.generate is where they used to live)
     DEMO_MODEL,
@@ -103,8 +103,6 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
     decoder_class = CachedDecoder if use_cache else FullForwardDecoder
     kwargs = {}
     if halt_policy is not None:
-        from .adaptive import AdaptiveDecoder
-
         if not use_cache:
             raise ConfigError("--adaptive-halt runs on the cache; drop --no-cache")
         decoder_class, kwargs = AdaptiveDecoder, {"policy": halt_policy}

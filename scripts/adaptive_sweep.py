@@ -180,7 +180,7 @@ def plot(result: dict, path: Path, base: dict | None) -> None:
         axes[1].axvline(1.5 * base["decode_cpu_tps"], color="gray", linewidth=1, linestyle=":",
                         label="1.5x trained fixed depth")
     axes[1].legend(fontsize=7)
-    fig.suptitle("Adaptive recursion per token: dense TRM + ACT (1M)")
+    fig.suptitle(f"Adaptive recursion per token: {Path(result['run']).name}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -188,7 +188,7 @@ def plot(result: dict, path: Path, base: dict | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "adaptive" / "dense_act")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinystories"))
+    parser.add_argument("--data", default="tinystories-sample")
     parser.add_argument("--max-steps", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--fixed", type=int, nargs="*", default=[1, 2, 3, 4],
                         help="fixed depths to measure besides --max-steps")

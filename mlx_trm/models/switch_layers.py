@@ -8,8 +8,8 @@ reference does). The outputs are then unsorted and summed with the routing weigh
 :class:`SwitchLinear` has mlx-lm's layout and call (``mlx_lm.models.switch_layers``): weight
 ``[E, out, in]``, ``layer(x, indices, sorted_indices)``. So ``nn.quantize`` (and
 ``mlx_lm.convert -q``) turns it into mlx-lm's own ``QuantizedSwitchLinear``, which runs
-``mx.gather_qmm``. The float class is defined here rather than imported, so that building a float
-model does not import mlx-lm (and with it transformers) at start-up.
+``mx.gather_qmm``. The float class is our own because its weight starts from the reference's
+N(0, init_std^2) (mlx-lm's draws a uniform one) and there is no bias.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear as MlxLmSwitchLinear
 
 
 def gather_sort(x: mx.array, experts: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -85,8 +86,6 @@ class SwitchLinear(nn.Module):
     def to_quantized(self, group_size: int | None = None, bits: int | None = None,
                      mode: str = "affine", global_scale: bool = False, **kwargs) -> nn.Module:
         """mlx-lm's ``QuantizedSwitchLinear`` of this weight (``mx.gather_qmm`` experts)."""
-        from mlx_lm.models.switch_layers import SwitchLinear as MlxLmSwitchLinear
-
         if kwargs.get("quantize_input"):
             raise ValueError("quantized inputs are not supported for MoE experts")
         default_group_size, default_bits = _MODE_DEFAULTS[mode]
