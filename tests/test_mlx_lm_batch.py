@@ -113,3 +113,61 @@ def test_max_kv_size_is_refused_before_any_token():
     with pytest.raises(ValueError, match="--max-kv-size"):
         lm_cache.make_prompt_cache(model, max_kv_size=16)
     assert len(lm_cache.make_prompt_cache(model)) == model.num_cache_slots
+
+
+@pytest.mark.parametrize("kind", ["flat", "dense_act", "moeut_act"])
+def test_mlx_lm_decode_runs_the_compiled_step_and_equals_the_eager_one(kind, monkeypatch):
+    """generate_step's one-token calls take the compiled decoder on the KVCache buffers
+    (models/decoders.decode_into_kv_cache): ids and logprobs equal the eager path's, through
+    several buffer growths (KVCache.step cut to 8), and the slots end as eager ones would."""
+    from mlx_trm.models import trm
+
+    model = tiny_model(kind)
+    monkeypatch.setattr(lm_cache.KVCache, "step", 8)
+    calls = []
+    compiled = trm.decode_into_kv_cache
+    monkeypatch.setattr(trm, "decode_into_kv_cache",
+                        lambda *a: calls.append(1) or compiled(*a))
+
+    def run() -> tuple[list[int], list[np.ndarray], list]:
+        cache = lm_cache.make_prompt_cache(model)
+        steps = list(generate_step(mx.array(PROMPTS[0]), model, max_tokens=30,
+                                   prompt_cache=cache))
+        return [int(t) for t, _ in steps], [np.array(lp) for _, lp in steps], cache
+
+    ids, lps, cache = run()
+    assert len(calls) >= 28  # every decode call after the prefill's first token
+    monkeypatch.setattr(trm, "is_plain_kv_cache", lambda c: False)
+    eager_ids, eager_lps, eager_cache = run()
+    assert ids == eager_ids
+    assert np.abs(lps[0] - lps[-1]).max() > 1e-3  # the distributions move along the sequence
+    assert max(np.abs(a - b).max() for a, b in zip(lps, eager_lps)) <= 1e-4
+    for c, e in zip(cache, eager_cache):
+        assert c.offset == e.offset
+        k, ek = c.keys[..., :c.offset, :], e.keys[..., :e.offset, :]
+        assert np.abs(np.array(k) - np.array(ek)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["flat", "dense_act", "moeut_act"])
+def test_batch_generate_compiled_step_equals_the_eager_one(kind, monkeypatch):
+    """mlx-lm's batched decode (left-padded BatchKVCache slots, as the server uses) takes the
+    compiled step too, with the same ids and logprobs as eager batched decoding."""
+    from mlx_trm.models import trm
+
+    model = tiny_model(kind)
+    calls = []
+    compiled = trm.decode_into_kv_cache
+    monkeypatch.setattr(trm, "decode_into_kv_cache",
+                        lambda *a: calls.append(1) or compiled(*a))
+
+    def run():
+        return batch_generate(model, TOKENIZER, PROMPTS, max_tokens=N, return_token_ids=True,
+                              return_logprobs=True)
+
+    fast = run()
+    assert calls
+    monkeypatch.setattr(trm, "is_plain_kv_cache", lambda c: False)
+    eager = run()
+    assert fast.token_ids == eager.token_ids
+    for a, b in zip(fast.logprobs, eager.logprobs):
+        assert np.abs(np.array(a) - np.array(b)).max() <= 1e-4

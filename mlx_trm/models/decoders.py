@@ -7,7 +7,9 @@ over the whole sequence for every new token (``FullForwardDecoder`` keeps that l
 exact (cache.py): ``CachedDecoder`` prefills the prompt stage by stage, then runs each new position
 alone through all stages. A decode step is dominated by per-operation overhead at this size, so it
 is one ``mx.compile``-d function over fixed-capacity buffers: the write column and the RoPE
-positions are arrays, and the trace is reused for every token.
+positions are arrays, and the trace is reused for every token. mlx-lm's own loop
+(``mlx_lm.generate``, its batched generation, the server) gets the same compiled step through
+:func:`decode_into_kv_cache`, on the buffers of its stock ``KVCache`` / ``BatchKVCache`` slots.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import cache as lm_cache
 
 from .cache import BatchKVCache, CachePositions, grow_batch_cache, make_batch_cache
 
@@ -55,6 +58,64 @@ def compiled_decode_step(model: nn.Module) -> Callable:
         step = mx.compile(_decode_step(model), inputs=model.state)
         object.__setattr__(model, "_compiled_decode_step", step)
     return step
+
+
+def _write_column(slot: object) -> int | None:
+    """The buffer column a stock mlx-lm slot writes next, or None if the compiled step cannot
+    take it: a ``KVCache`` or a left-padded ``BatchKVCache`` that holds keys (and is not in the
+    middle of a right-padded prefill); never quantized or rotating ones."""
+    if type(slot) is lm_cache.KVCache and slot.keys is not None:
+        return slot.offset
+    if (type(slot) is lm_cache.BatchKVCache and slot.keys is not None
+            and getattr(slot, "_right_padding", None) is None):
+        return slot._idx
+    return None
+
+
+def is_plain_kv_cache(cache: Sequence) -> bool:
+    """Every slot a stock mlx-lm ``KVCache`` (``mlx_lm.generate``) or ``BatchKVCache`` (its
+    batched generation and the server), all of one type, position and capacity."""
+    first = cache[0]
+    column = _write_column(first)
+    if column is None:
+        return False
+    capacity = first.keys.shape[2]
+    return all(type(c) is type(first) and _write_column(c) == column
+               and c.keys.shape[2] == capacity for c in cache)
+
+
+def decode_into_kv_cache(model: nn.Module, tokens: mx.array, cache: Sequence) -> mx.array:
+    """One new position [B, 1] through all slots of a stock mlx-lm cache: logits [B, 1, V].
+
+    The compiled step of ``CachedDecoder`` runs on the slots' own buffers (mlx-lm keeps them a
+    block longer than what is written, and columns past the write column are masked; a
+    ``BatchKVCache``'s left padding is masked as its own mask does), then each slot takes the
+    new buffers and advances, exactly as ``update_and_fetch`` would have left it. mlx-lm would
+    otherwise run the step eagerly, dispatching every operation of every layer application
+    from Python.
+    """
+    first = cache[0]
+    column = _write_column(first)
+    if column + 1 > first.keys.shape[2]:  # full: grow every slot by mlx-lm's own step
+        for c in cache:
+            k, v = c.keys[..., :column, :], c.values[..., :column, :]
+            c.keys = mx.concatenate([k, mx.zeros((*k.shape[:2], c.step, k.shape[3]), k.dtype)], 2)
+            c.values = mx.concatenate(
+                [v, mx.zeros((*v.shape[:2], c.step, v.shape[3]), v.dtype)], 2)
+    batched = type(first) is lm_cache.BatchKVCache
+    B = tokens.shape[0]
+    left_padding = (first.left_padding.astype(mx.int32) if batched
+                    else mx.zeros((B,), dtype=mx.int32))
+    window = min(-(-(column + 1) // WINDOW_BLOCK) * WINDOW_BLOCK, first.keys.shape[2])
+    logits, keys, values = compiled_decode_step(model)(
+        tokens[:, 0], mx.array(column, dtype=mx.int32), left_padding,
+        [c.keys for c in cache], [c.values for c in cache], window)
+    for c, k, v in zip(cache, keys, values):
+        c.keys, c.values = k, v
+        c.offset = c.offset + 1
+        if batched:
+            c._idx = column + 1
+    return logits[:, None]
 
 
 class CachedDecoder:

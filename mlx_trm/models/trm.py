@@ -22,11 +22,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 
 from ..config import ModelConfig
 from . import recompute
+from .decoders import decode_into_kv_cache, is_plain_kv_cache
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
 from .loss import chunked_cross_entropy, cross_entropy, linear_cross_entropy, plan_chunk_rows
+from .moe import SigmaMoE, SwitchHead, from_reference_names
 from .router import Router, RoutingLog
 
 IGNORE_LABEL = -100
@@ -60,8 +63,6 @@ class MoEUTBlock(nn.Module):
 
     def __init__(self, args: ModelConfig):
         super().__init__()
-        from .moe import SigmaMoE, SwitchHead  # the MoE layers are only needed for MoEUT
-
         self.eps = args.rms_norm_eps
         init_scale = math.sqrt(2.0 / (args.H_cycles * args.L_cycles * args.L_layers))
         balancing = dict(
@@ -173,8 +174,6 @@ class Model(nn.Module):
         """
         if not self.args.use_moeut:
             return weights
-        from .moe import from_reference_names
-
         return from_reference_names(weights)
 
     @property
@@ -193,8 +192,6 @@ class Model(nn.Module):
         mlx-lm's batching (``merge`` into its ``BatchKVCache``), prompt-cache files, trimming and
         ``--kv-bits`` then work unchanged (models/cache.py says why one slot per application is
         exact)."""
-        from mlx_lm.models.cache import KVCache
-
         return [KVCache() for _ in range(self.num_cache_slots)]
 
     def initial_latents(self, *batch_shape: int) -> tuple[mx.array, mx.array]:
@@ -264,6 +261,8 @@ class Model(nn.Module):
             # A cache made for other recursion settings would silently misalign the slots.
             raise ValueError(f"cache has {len(cache)} slots, this model needs "
                              f"{self.num_cache_slots}; make it with model.make_cache()")
+        if T == 1 and cache is not None and is_plain_kv_cache(cache):
+            return decode_into_kv_cache(self, inputs, cache)  # mlx-lm's decode: compiled
         if T == 1 and cache is not None and not self.args.use_moeut:
             # Decoding one position: dense layers take rows [B, D] throughout, so no matmul
             # reshapes its input and back (4 operations fewer in each of 56 layer applications).
