@@ -195,12 +195,18 @@ except Exception as e: print(type(e).__name__ + ':', e)"
       '[ $rc = 2 ] && [ -n "$(step_of $D/full/run)" ] && [ -z "$(ls -A $D/full/run | grep "^\.model\.")" ]'
     umount $D/full
   else echo "SKIP: cannot mount a tmpfs here (needs root)"; fi
-  say "4d. Ctrl-C (SIGINT) before the first step"
+  say "4d. Ctrl-C (SIGINT) right after set-up, during the first step"
   rm -rf $D/int
-  $PY -m mlx_trm.train $Q train.max_steps=20 out_dir=$D/int >$D/int.log 2>&1 &
-  p=$!; sleep 2; kill -INT $p; wait $p; rc=$?
-  echo "\$ mlx_trm.train ... & sleep 2; kill -INT \$!"; tail -2 $D/int.log
-  check "one line, no traceback (rc $rc)" '! grep -q Traceback $D/int.log && grep -q "nothing to save\|saved" $D/int.log'
+  # a non-interactive bash starts background jobs with SIGINT ignored (and python keeps it
+  # so): restore the default, as a terminal's Ctrl-C would find it
+  $PY -c "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])" \
+    $PY -m mlx_trm.train $Q train.max_steps=20 out_dir=$D/int >$D/int.log 2>&1 &
+  p=$!
+  # after set-up (the step-0 evaluation is printed), before the first step has finished
+  for _ in $(seq 600); do grep -q "^step 0:" $D/int.log 2>/dev/null && break; sleep 0.05; done
+  kill -INT $p; wait $p; rc=$?
+  echo "\$ mlx_trm.train ... & (step-0 evaluation printed); kill -INT \$!  (exit $rc)"; tail -2 $D/int.log
+  check "one line, no traceback, exit 130 (rc $rc)" '[ $rc = 130 ] && ! grep -q Traceback $D/int.log && grep -q "nothing to save\|holds step" $D/int.log'
 }
 
 drill_small() {
