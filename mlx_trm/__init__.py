@@ -20,7 +20,4 @@ warnings.filterwarnings("ignore", message="'mlx_trm\\.generate' found in sys.mod
 from .checkpoint import load, save  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402
 
-__all__ = ["generate", "load", "save", "stream_generate"]
-
-
 __all__ = ["__version__", "generate", "load", "save", "stream_generate"]

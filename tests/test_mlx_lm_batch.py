@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_trm.config import ModelConfig
 from mlx_trm.interop import Model as InteropModel
+from mlx_trm.models import trm
 
 mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm.generate import batch_generate, generate_step  # noqa: E402
@@ -115,19 +116,22 @@ def test_max_kv_size_is_refused_before_any_token():
     assert len(lm_cache.make_prompt_cache(model)) == model.num_cache_slots
 
 
+def count_compiled_calls(monkeypatch) -> list:
+    """A list that grows by one per call of the compiled mlx-lm decode step."""
+    calls: list = []
+    compiled = trm.decode_into_kv_cache
+    monkeypatch.setattr(trm, "decode_into_kv_cache", lambda *a: calls.append(1) or compiled(*a))
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["flat", "dense_act", "moeut_act"])
 def test_mlx_lm_decode_runs_the_compiled_step_and_equals_the_eager_one(kind, monkeypatch):
     """generate_step's one-token calls take the compiled decoder on the KVCache buffers
     (models/decoders.decode_into_kv_cache): ids and logprobs equal the eager path's, through
     several buffer growths (KVCache.step cut to 8), and the slots end as eager ones would."""
-    from mlx_trm.models import trm
-
     model = tiny_model(kind)
     monkeypatch.setattr(lm_cache.KVCache, "step", 8)
-    calls = []
-    compiled = trm.decode_into_kv_cache
-    monkeypatch.setattr(trm, "decode_into_kv_cache",
-                        lambda *a: calls.append(1) or compiled(*a))
+    calls = count_compiled_calls(monkeypatch)
 
     def run() -> tuple[list[int], list[np.ndarray], list]:
         cache = lm_cache.make_prompt_cache(model)
@@ -137,7 +141,7 @@ def test_mlx_lm_decode_runs_the_compiled_step_and_equals_the_eager_one(kind, mon
 
     ids, lps, cache = run()
     assert len(calls) >= 28  # every decode call after the prefill's first token
-    monkeypatch.setattr(trm, "is_plain_kv_cache", lambda c: False)
+    monkeypatch.setattr(trm, "is_plain_kv_cache", lambda c: False)  # the eager path
     eager_ids, eager_lps, eager_cache = run()
     assert ids == eager_ids
     assert np.abs(lps[0] - lps[-1]).max() > 1e-3  # the distributions move along the sequence
@@ -152,13 +156,8 @@ def test_mlx_lm_decode_runs_the_compiled_step_and_equals_the_eager_one(kind, mon
 def test_batch_generate_compiled_step_equals_the_eager_one(kind, monkeypatch):
     """mlx-lm's batched decode (left-padded BatchKVCache slots, as the server uses) takes the
     compiled step too, with the same ids and logprobs as eager batched decoding."""
-    from mlx_trm.models import trm
-
     model = tiny_model(kind)
-    calls = []
-    compiled = trm.decode_into_kv_cache
-    monkeypatch.setattr(trm, "decode_into_kv_cache",
-                        lambda *a: calls.append(1) or compiled(*a))
+    calls = count_compiled_calls(monkeypatch)
 
     def run():
         return batch_generate(model, TOKENIZER, PROMPTS, max_tokens=N, return_token_ids=True,
@@ -166,7 +165,7 @@ def test_batch_generate_compiled_step_equals_the_eager_one(kind, monkeypatch):
 
     fast = run()
     assert calls
-    monkeypatch.setattr(trm, "is_plain_kv_cache", lambda c: False)
+    monkeypatch.setattr(trm, "is_plain_kv_cache", lambda c: False)  # the eager path
     eager = run()
     assert fast.token_ids == eager.token_ids
     for a, b in zip(fast.logprobs, eager.logprobs):

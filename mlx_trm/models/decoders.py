@@ -77,11 +77,9 @@ def is_plain_kv_cache(cache: Sequence) -> bool:
     batched generation and the server), all of one type, position and capacity."""
     first = cache[0]
     column = _write_column(first)
-    if column is None:
-        return False
-    capacity = first.keys.shape[2]
-    return all(type(c) is type(first) and _write_column(c) == column
-               and c.keys.shape[2] == capacity for c in cache)
+    return column is not None and all(
+        type(c) is type(first) and _write_column(c) == column
+        and c.keys.shape[2] == first.keys.shape[2] for c in cache[1:])
 
 
 def decode_into_kv_cache(model: nn.Module, tokens: mx.array, cache: Sequence) -> mx.array:
