@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # moe_layers
 
 from moe_layers import SHAPES, make_steps  # noqa: E402
 
-from mlx_trm.blas import FIX, loaded_blas  # noqa: E402
+from mlx_trm.blas import loaded_blas, prepare_cpu_backend  # noqa: E402
 from mlx_trm.config import load_config  # noqa: E402
 from mlx_trm.generate import generate_tokens  # noqa: E402
 from mlx_trm.memory import fit_memory  # noqa: E402
@@ -425,9 +425,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, Callable[..., Any], d
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     env = environment()
-    if env["blas"] == "reference":
-        print(f"warning: MLX is using its slow bundled BLAS (~30x slower matmuls); fix: {FIX}",
-              file=sys.stderr)
+    prepare_cpu_backend()
     print(environment_line(env), file=sys.stderr)
     load_at_start = load_average()
     print(f"load average at start: {load_at_start} (close other work for numbers worth "

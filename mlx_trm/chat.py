@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
-from .blas import warn_if_slow_blas
+from .blas import prepare_cpu_backend
 from .cli import (
     add_model_arguments,
     add_sampling_arguments,
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     add_adaptive_arguments(parser)
     args = parser.parse_args(argv)
 
-    warn_if_slow_blas()
+    prepare_cpu_backend()
     model, tokenizer = load_for_generation(args)
     if args.seed is not None:
         mx.random.seed(args.seed)

@@ -18,7 +18,7 @@ import numpy as np
 from rich.progress import Progress
 
 from .adaptive import add_adaptive_arguments, evaluate_adaptive, policy_from_args
-from .blas import warn_if_slow_blas
+from .blas import prepare_cpu_backend
 from .cli import add_model_arguments, load_for_generation
 from .config import cli_errors
 from .data import iterate_batches, load_eval_tokens, num_batches
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="default: the model's")
     add_adaptive_arguments(parser)
     args = parser.parse_args(argv)
-    warn_if_slow_blas()
+    prepare_cpu_backend()
     model, tokenizer = load_for_generation(args)
     policy = policy_from_args(model, args)
     if policy is not None:  # the same per-token halting as generation, teacher-forced

@@ -37,7 +37,7 @@ from mlx_lm.sample_utils import (  # noqa: F401  (re-exported: mlx_trm.generate'
 from mlx_lm.sample_utils import make_sampler as _mlx_lm_make_sampler
 
 from .adaptive import AdaptiveDecoder, add_adaptive_arguments, policy_from_args, steps_line
-from .blas import blas_threads, loaded_blas, warn_if_slow_blas
+from .blas import blas_threads, loaded_blas, prepare_cpu_backend
 from .cli import (  # noqa: F401  (re-exported: mlx_trm.generate is where they used to live)
     DEMO_MODEL,
     add_model_arguments,
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_tokens is not None and (args.max_tokens == 0 or args.max_tokens < -1):
         raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
 
-    warn_if_slow_blas()
+    prepare_cpu_backend()
     model, tokenizer = load_for_generation(args)
     policy = policy_from_args(model, args)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k)

@@ -58,7 +58,7 @@ def _probe_peak(model: Model, rows: int, seq_len: int, chunk_rows: int) -> int:
         record = RoutingLog() if moe else None
         carry, outputs = act_step(model, carry, tokens, tokens, training=True, record=record,
                                   key=mx.random.key(0))
-        total, _ = act_loss(outputs, carry["labels"], chunk_rows)
+        total, _ = act_loss(outputs, carry["labels"], chunk_rows, training=True)
         return total + record.entropy_reg() if moe else total
 
     mx.eval(carry)

@@ -65,7 +65,7 @@ def make_step_functions(model: Model, optimizer: optim.Optimizer, tc: TrainConfi
         record = RoutingLog() if moe else None
         carry, outputs = act_step(model, carry, inputs, labels, training=True, record=record,
                                   key=key, halt_max_steps=halt_max_steps)
-        total, metrics = act_loss(outputs, carry["labels"])
+        total, metrics = act_loss(outputs, carry["labels"], training=True)
         counts = []
         if moe:
             # The regulariser is a mean over the step's rows: a micro-batch (or a rank) adds

@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from .blas import warn_if_slow_blas
+from .blas import prepare_cpu_backend
 from .config import Config, ConfigError, TrainConfig, cli_errors, load_config
 from .data import eval_batches, load_split, stream_batches
 from .evaluate import COLLAPSE_NOTE, COLLAPSED_SPREAD, evaluate_batches, make_eval_fn
@@ -141,7 +141,7 @@ def setup_run(config: Config, *, quiet: bool = False, max_steps: int | None = No
     say = warn if not quiet else (lambda *a: None)
     changed = decide_resume(config, leader, warn)
     if leader:
-        warn_if_slow_blas()
+        prepare_cpu_backend()
 
     # Data first: bad paths fail before any model work.
     tokenizer = load_tokenizer(dc.tokenizer)

@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        from mlx_trm.blas import warn_if_slow_blas
+        from mlx_trm.blas import prepare_cpu_backend
 
-        warn_if_slow_blas()
+        prepare_cpu_backend()
         sweep(args)
     write_report(merged(args.out), args.out)
     print((args.out / "adaptive_recursion.md").read_text())

@@ -11,7 +11,11 @@ from mlx.utils import tree_flatten
 from mlx_trm.config import ConfigError, ModelConfig, load_config
 from mlx_trm.memory import fit_memory, fitting_accum
 from mlx_trm.models import act_loss, act_step, build_model, initial_carry
-from mlx_trm.models.loss import cross_entropy, linear_cross_entropy
+from mlx_trm.models.loss import (
+    cross_entropy,
+    linear_cross_entropy,
+    weighted_linear_cross_entropy,
+)
 from mlx_trm.models.router import RoutingLog, routers
 from tests.conftest import CONFIGS
 
@@ -24,8 +28,10 @@ def small_model(**overrides) -> nn.Module:
     return build_model(ModelConfig(**base))
 
 
-def loss_and_grads(model, x, labels, *, plain: bool, chunk_rows: int | None = None):
-    """act_loss through the chunked read-out, or through the full logits (``plain``)."""
+def loss_and_grads(model, x, labels, *, plain: bool, chunk_rows: int | None = None,
+                   training: bool = False):
+    """act_loss through the chunked read-out, or through the full logits (``plain``);
+    ``training`` builds the read-out's gradient in the forward, as the training step does."""
     moe = model.args.use_moeut
 
     def loss_fn(model):
@@ -35,7 +41,7 @@ def loss_and_grads(model, x, labels, *, plain: bool, chunk_rows: int | None = No
                               key=mx.random.key(1))
         if plain:
             outputs = {k: v for k, v in outputs.items() if k not in ("hidden", "head")}
-        total, metrics = act_loss(outputs, labels, chunk_rows)
+        total, metrics = act_loss(outputs, labels, chunk_rows, training=training)
         if moe:
             total = total + record.entropy_reg()
             metrics["counts"] = record.counts(routers(model))
@@ -71,6 +77,40 @@ def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(chunk_rows):
     assert_same(loss_and_grads(model, x, labels, plain=False, chunk_rows=chunk_rows), plain)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 7, 29, 1000])
+def test_training_loss_with_its_gradient_in_the_forward_gives_the_plain_numbers(chunk_rows):
+    model = small_model()
+    x = mx.random.randint(1, 97, (3, 10), key=mx.random.key(2))
+    labels = mx.where(mx.arange(10) < 2, -100, x)
+    plain = loss_and_grads(model, x, labels, plain=True)
+    assert_same(loss_and_grads(model, x, labels, plain=False, chunk_rows=chunk_rows,
+                               training=True), plain)
+
+
+def test_weighted_linear_cross_entropy_is_the_weighted_sum_and_its_gradient():
+    h = mx.random.normal((5, 6, 8), key=mx.random.key(0))
+    w = mx.random.normal((33, 8), key=mx.random.key(1))
+    y = mx.random.randint(0, 33, (5, 6), key=mx.random.key(2))
+    row_w = mx.random.uniform(shape=(5, 6), key=mx.random.key(3))
+
+    def plain(h, w):
+        return (cross_entropy(h @ w.T, y) * row_w).sum()
+
+    def fused(h, w):
+        return weighted_linear_cross_entropy(h, w, y, row_w, chunk_rows=4)[0]
+
+    (value, grads), (want, want_grads) = (mx.value_and_grad(f, argnums=(0, 1))(h, w)
+                                          for f in (fused, plain))
+    assert float(value) == pytest.approx(float(want), rel=1e-6)
+    for g, g_want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.array(g), np.array(g_want), rtol=1e-5, atol=1e-6)
+    _, ce, argmax = weighted_linear_cross_entropy(h, w, y, row_w, chunk_rows=4)
+    np.testing.assert_allclose(np.array(ce), np.array(cross_entropy(h @ w.T, y)), rtol=1e-5)
+    assert mx.array_equal(argmax, mx.argmax(h @ w.T, axis=-1))
+    with pytest.raises(ValueError, match="chunk_rows"):
+        weighted_linear_cross_entropy(h, w, y, row_w, chunk_rows=0)
+
+
 def test_linear_cross_entropy_matches_logits_and_argmax_exactly_where_it_can():
     h = mx.random.normal((50, 8), key=mx.random.key(0))
     w = mx.random.normal((33, 8), key=mx.random.key(1))
@@ -97,10 +137,13 @@ def test_chunked_loss_never_holds_the_full_logits():
         mx.eval(mx.value_and_grad(fn, argnums=(0, 1))(h, w))
         return mx.get_peak_memory() - before
 
+    ones = mx.ones((N,))
     plain = peak(lambda h, w: cross_entropy(h @ w.T, y).sum())
     chunked = peak(lambda h, w: linear_cross_entropy(h, w, y, chunk_rows=128)[0].sum())
+    fused = peak(lambda h, w: weighted_linear_cross_entropy(h, w, y, ones, chunk_rows=128)[0])
     assert plain > 2 * N * V * 4  # logits and softmax at least
     assert chunked < plain / 4
+    assert fused < plain / 4
 
 
 @pytest.mark.parametrize("kind", [{}, {"flat_transformer": True}, {"use_moeut": True}])

@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_trm.config import ModelConfig, load_config
-from mlx_trm.models import act_loss, act_step, build_model, initial_carry
+from mlx_trm.models import act_loss, act_step, build_model, initial_carry, layers
 from mlx_trm.models.layers import swiglu_intermediate_size
 from tests.conftest import CONFIGS
 
@@ -69,6 +69,36 @@ def logits_per_act_step(model, inputs):
         z_H, z_L, logits, _ = model.inner(z_H, z_L, inputs)
         out.append(np.array(logits))
     return out
+
+
+@pytest.mark.parametrize("scalar_exp", [True, False])
+def test_the_model_exp_softmax_silu_and_attention_match_mlx_and_their_gradients(
+        monkeypatch, scalar_exp):
+    """The power-of-two exp (taken on the CPU off macOS) and MLX's own ops agree, forward and
+    backward, on both sides of the switch."""
+    monkeypatch.setattr(layers, "exp_is_scalar", lambda: scalar_exp)
+    x = mx.random.normal((4, 33), key=mx.random.key(0)) * 8
+    np.testing.assert_allclose(np.array(layers.exp(x)), np.exp(np.array(x, np.float64)),
+                               rtol=2e-6)
+    np.testing.assert_allclose(np.array(layers.softmax(x)), np.array(mx.softmax(x, axis=-1)),
+                               rtol=1e-5, atol=1e-7)
+    w = mx.random.normal((4, 33), key=mx.random.key(1))
+    for ours, stock in [(layers.silu, nn.silu), (layers.softmax, lambda v: mx.softmax(v, -1))]:
+        (a, ga), (b, gb) = (mx.value_and_grad(lambda v, f=f: (f(v) * w).sum())(x)
+                            for f in (ours, stock))
+        assert float(a) == pytest.approx(float(b), rel=1e-5)
+        np.testing.assert_allclose(np.array(ga), np.array(gb), rtol=1e-4, atol=1e-5)
+    q, k, v, d = (mx.random.normal((2, 2, 9, 4), key=mx.random.key(i)) for i in range(4))
+
+    def attend(f):
+        return mx.value_and_grad(lambda q, k, v: (f(q, k, v) * d).sum(), argnums=(0, 1, 2))
+
+    ours = attend(lambda q, k, v: layers.attention(q, k, v, scale=0.5))(q, k, v)
+    stock = attend(lambda q, k, v: mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=0.5, mask="causal"))(q, k, v)
+    assert float(ours[0]) == pytest.approx(float(stock[0]), rel=1e-5)
+    for a, b in zip(ours[1], stock[1], strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["trm_tinystories_1m_flat", "trm_tinystories_1m",

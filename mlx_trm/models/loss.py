@@ -16,6 +16,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from .layers import exp
+
 # Rows per chunk. Each chunk's logits are [CHUNK_ROWS, V]: 2048 x 10k float32 is 82 MB. The
 # matmuls stay large enough to run at full speed on Metal, and on the CPU a chunk this size is
 # as fast as the whole batch at once (benchmarks/README.md, "Memory").
@@ -34,7 +36,7 @@ def plan_chunk_rows(rows: int, vocab: int) -> int:
 @mx.custom_function
 def _cross_entropy_and_softmax(logits: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
     m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
-    e = mx.exp(logits - m)
+    e = exp(logits - m)
     total = e.sum(axis=-1, keepdims=True)
     logsumexp = (m + mx.log(total))[..., 0]
     target = mx.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
@@ -77,7 +79,7 @@ def _make_fused(rows: int):
             h = _after(hidden[lo:hi], ce[-1:] + argmax[-1:])
             logits = h @ weight.T
             m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
-            chunk_lse = (m + mx.log(mx.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
+            chunk_lse = (m + mx.log(exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
             target = mx.take_along_axis(logits, labels[lo:hi, None], axis=-1)[..., 0]
             ce.append(chunk_lse - target)
             lse.append(chunk_lse)
@@ -93,7 +95,7 @@ def _make_fused(rows: int):
         for lo, hi in _chunks(hidden.shape[0], rows):
             previous = d_hidden[-1:] + ([d_weight] if d_weight is not None else [])
             h = _after(hidden[lo:hi], previous)
-            softmax = mx.exp(h @ weight.T - lse[lo:hi, None])
+            softmax = exp(h @ weight.T - lse[lo:hi, None])
             onehot = vocab == labels[lo:hi, None]
             g = d_ce[lo:hi, None] * (softmax - onehot)
             d_hidden.append(g @ weight)
@@ -123,6 +125,46 @@ def linear_cross_entropy(hidden: mx.array, weight: mx.array, labels: mx.array,
     ce, _, argmax = _FUSED[chunk_rows](hidden.reshape(-1, hidden.shape[-1]), weight,
                                        labels.reshape(-1))
     return ce.reshape(shape), argmax.reshape(shape)
+
+
+def weighted_linear_cross_entropy(hidden: mx.array, weight: mx.array, labels: mx.array,
+                                  row_weight: mx.array, chunk_rows: int = CHUNK_ROWS
+                                  ) -> tuple[mx.array, mx.array, mx.array]:
+    """``sum(row_weight * ce)`` of the logits ``hidden @ weight.T``, with its gradient computed
+    in the same pass (the training loss; Liger's fused linear cross-entropy).
+
+    A weighted sum's gradient is known before the backward starts: d/dlogits = row_weight *
+    (softmax - onehot). Each chunk's exp then serves both the log-sum-exp and the gradient, and
+    its dh and dW contributions are folded in before the next chunk starts: one exp and three
+    matmuls per logit instead of :func:`linear_cross_entropy`'s two and four. The result carries
+    the gradient through ``sum(hidden * dh) + sum(weight * dW)``, which adds exactly zero to its
+    value. ``row_weight`` (shaped like ``labels``) is data and gets no gradient. Returns (loss,
+    ce, argmax); ce and argmax are not differentiable.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    flat_h = mx.stop_gradient(hidden.reshape(-1, hidden.shape[-1]))
+    w, y = mx.stop_gradient(weight), labels.reshape(-1)
+    row_w = mx.stop_gradient(row_weight.reshape(-1, 1).astype(mx.float32))
+    vocab = mx.arange(w.shape[0])
+    ce, argmax, d_hidden, d_weight = [], [], [], mx.zeros_like(w)
+    for lo, hi in _chunks(flat_h.shape[0], chunk_rows):
+        h = _after(flat_h[lo:hi], ce[-1:] + argmax[-1:] + d_hidden[-1:] + [d_weight])
+        logits = h @ w.T
+        m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+        e = exp(logits - m)
+        total = e.sum(axis=-1, keepdims=True)
+        target = mx.take_along_axis(logits, y[lo:hi, None], axis=-1)
+        ce.append((m + mx.log(total) - target)[:, 0])
+        argmax.append(mx.argmax(logits, axis=-1))
+        g = row_w[lo:hi] * (e / total - (vocab == y[lo:hi, None]))
+        d_hidden.append(g @ w)
+        d_weight = d_weight + g.T @ h
+    ce, d_hidden = mx.concatenate(ce), mx.concatenate(d_hidden).reshape(hidden.shape)
+    loss = (row_w[:, 0] * ce).sum()
+    surrogate = (hidden * d_hidden).sum() + (weight * d_weight).sum()
+    loss = loss + (surrogate - mx.stop_gradient(surrogate))
+    return loss, ce.reshape(labels.shape), mx.concatenate(argmax).reshape(labels.shape)
 
 
 def chunked_cross_entropy(hidden: mx.array, head: Any, labels: mx.array,

@@ -28,7 +28,13 @@ from ..config import ModelConfig
 from . import recompute
 from .decoders import decode_into_kv_cache, is_plain_kv_cache
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
-from .loss import chunked_cross_entropy, cross_entropy, linear_cross_entropy, plan_chunk_rows
+from .loss import (
+    chunked_cross_entropy,
+    cross_entropy,
+    linear_cross_entropy,
+    plan_chunk_rows,
+    weighted_linear_cross_entropy,
+)
 from .moe import SigmaMoE, SwitchHead, from_reference_names
 from .router import Router, RoutingLog
 
@@ -348,13 +354,16 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     return new_carry, outputs
 
 
-def token_cross_entropy(outputs: dict[str, Any], labels: mx.array,
-                        chunk_rows: int | None = None) -> tuple[mx.array, mx.array]:
-    """(per-token cross-entropy, arg-max prediction) of an ACT step's outputs.
+def token_cross_entropy(outputs: dict[str, Any], labels: mx.array, row_weight: mx.array,
+                        chunk_rows: int | None = None, training: bool = False
+                        ) -> tuple[mx.array, mx.array, mx.array]:
+    """(sum(row_weight * ce), per-token cross-entropy, arg-max prediction) of an ACT step.
 
     From ``hidden`` and ``head`` (what :func:`act_step` returns) in chunks of ``chunk_rows``
     rows (default: ``plan_chunk_rows``), so large [B, T, V] logits never exist; from the whole
-    logits when one chunk holds every row, or when only ``logits`` are given.
+    logits when one chunk holds every row, or when only ``logits`` are given. ``training``
+    computes a chunked read-out's gradient in the forward pass
+    (:func:`weighted_linear_cross_entropy`): differentiate the weighted sum, not the per-token ce.
     """
     if "hidden" in outputs:
         hidden, head = outputs["hidden"].astype(mx.float32), outputs["head"]
@@ -364,27 +373,35 @@ def token_cross_entropy(outputs: dict[str, Any], labels: mx.array,
         vocab = weight.shape[0] if plain_weight else head.as_linear(hidden[:1, :1]).shape[-1]
         rows = labels.size
         chunk = chunk_rows or plan_chunk_rows(rows, vocab)
+        if chunk < rows and plain_weight and training:
+            return weighted_linear_cross_entropy(hidden, weight, labels, row_weight, chunk)
         if chunk < rows and plain_weight:
-            return linear_cross_entropy(hidden, weight, labels, chunk)
-        if chunk < rows:  # another read-out (e.g. a quantized embedding): no weight gradient
-            return chunked_cross_entropy(hidden, head, labels, chunk)
-        outputs = {"logits": head.as_linear(hidden)}
-    logits = outputs["logits"].astype(mx.float32)
-    return cross_entropy(logits, labels), mx.argmax(logits, axis=-1)
+            ce, predicted = linear_cross_entropy(hidden, weight, labels, chunk)
+        elif chunk < rows:  # another read-out (e.g. a quantized embedding): no weight gradient
+            ce, predicted = chunked_cross_entropy(hidden, head, labels, chunk)
+        else:
+            outputs = {"logits": head.as_linear(hidden)}
+    if "logits" in outputs:
+        logits = outputs["logits"].astype(mx.float32)
+        ce, predicted = cross_entropy(logits, labels), mx.argmax(logits, axis=-1)
+    return (ce * row_weight).sum(), ce, predicted
 
 
-def act_loss(outputs: dict[str, Any], labels: mx.array, chunk_rows: int | None = None
-             ) -> tuple[mx.array, dict]:
+def act_loss(outputs: dict[str, Any], labels: mx.array, chunk_rows: int | None = None,
+             training: bool = False) -> tuple[mx.array, dict]:
     """The reference ACTLossHead, before division by the global batch size.
 
     lm = sum over rows of each row's mean token cross-entropy; q_halt is trained toward
     "every label token of the row is predicted exactly"; total = lm + 0.5 * q_halt.
+    ``training`` builds the read-out's gradient in the forward pass (one exp per logit instead
+    of two): then only ``total`` may be differentiated, as the training step does.
     """
     mask = labels != IGNORE_LABEL
     n_tokens = mask.sum(axis=-1)
-    ce, predicted = token_cross_entropy(outputs, mx.where(mask, labels, 0), chunk_rows)
+    row_weight = mask / mx.maximum(n_tokens, 1)[:, None]
+    lm_loss, ce, predicted = token_cross_entropy(outputs, mx.where(mask, labels, 0), row_weight,
+                                                 chunk_rows, training)
     ce = ce * mask
-    lm_loss = (ce.sum(axis=-1) / mx.maximum(n_tokens, 1)).sum()
     correct = mask & (predicted == labels)
     exact = correct.sum(axis=-1) == n_tokens
     q_halt_loss = nn.losses.binary_cross_entropy(
