@@ -99,6 +99,11 @@ def test_the_model_exp_softmax_silu_and_attention_match_mlx_and_their_gradients(
     assert float(ours[0]) == pytest.approx(float(stock[0]), rel=1e-5)
     for a, b in zip(ours[1], stock[1], strict=True):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+    # the last 3 of 9 positions (a prefill after cached keys)
+    np.testing.assert_allclose(
+        np.array(layers.causal_attention(q[:, :, -3:], k, v, 0.5)),
+        np.array(mx.fast.scaled_dot_product_attention(q[:, :, -3:], k, v, scale=0.5,
+                                                       mask="causal")), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["trm_tinystories_1m_flat", "trm_tinystories_1m",

@@ -77,9 +77,10 @@ def silu(x: mx.array) -> mx.array:
 @mx.custom_function
 def _causal_attention_and_weights(q: mx.array, k: mx.array, v: mx.array
                                   ) -> tuple[mx.array, mx.array]:
-    T = q.shape[2]
+    T, S = q.shape[2], k.shape[2]  # queries are the last T of S positions
     scores = q @ k.swapaxes(-1, -2)
-    weights = softmax(mx.where(mx.arange(T)[:, None] >= mx.arange(T)[None], scores, -mx.inf))
+    causal = mx.arange(T)[:, None] + (S - T) >= mx.arange(S)[None]
+    weights = softmax(mx.where(causal, scores, -mx.inf))
     return weights @ v, weights
 
 
@@ -92,7 +93,8 @@ def _causal_attention_vjp(primals, cotangents, outputs):
 
 
 def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale + causal mask) v over [B, H, T, Dh], through :func:`exp`.
+    """softmax(q k^T * scale + causal mask) v, q [B, H, T, Dh] the last T of k's and v's S
+    positions, through :func:`exp`.
 
     Where exp is slow this replaces ``mx.fast.scaled_dot_product_attention``, whose CPU
     fallback computes the same softmax with ``mx.exp``. The backward keeps only the [B, H, T, T]
@@ -147,15 +149,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, cache: Any = 
     keys and values (``--kv-bits``).
     """
     T = q.shape[2]
-    if cache is None and T > 1 and exp_is_scalar():
+    mask = "causal" if T > 1 else None
+    if cache is not None:
+        mask = cache.make_mask(T, return_array=False, window_size=None)
+        k, v = cache.update_and_fetch(k, v)
+        if hasattr(cache, "bits"):
+            return scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
+    if isinstance(mask, str) and exp_is_scalar():  # "causal"
         return causal_attention(q, k, v, scale)
-    if cache is None:
-        return mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=scale, mask="causal" if T > 1 else None)
-    mask = cache.make_mask(T, return_array=False, window_size=None)
-    k, v = cache.update_and_fetch(k, v)
-    if hasattr(cache, "bits"):
-        return scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
