@@ -101,9 +101,28 @@ def test_the_model_exp_softmax_silu_and_attention_match_mlx_and_their_gradients(
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
     # the last 3 of 9 positions (a prefill after cached keys)
     np.testing.assert_allclose(
-        np.array(layers.causal_attention(q[:, :, -3:], k, v, 0.5)),
+        np.array(layers.masked_attention(q[:, :, -3:], k, v, 0.5, "causal")),
         np.array(mx.fast.scaled_dot_product_attention(q[:, :, -3:], k, v, scale=0.5,
                                                        mask="causal")), rtol=1e-5, atol=1e-6)
+    hide = mx.random.uniform(shape=(2, 1, 9, 9), key=mx.random.key(5)) < 0.3
+    hide = hide & ~mx.eye(9, dtype=mx.bool_)  # every query keeps one key
+    np.testing.assert_allclose(
+        np.array(layers.attention(q, k, v, 0.5, cache=_FixedMask(~hide))),
+        np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask=~hide)),
+        rtol=1e-5, atol=1e-6)
+
+
+class _FixedMask:
+    """A cache that stores nothing and hands attention a fixed boolean mask."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def make_mask(self, n, **_):
+        return self.mask
+
+    def update_and_fetch(self, k, v):
+        return k, v
 
 
 @pytest.mark.parametrize("name", ["trm_tinystories_1m_flat", "trm_tinystories_1m",

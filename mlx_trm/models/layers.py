@@ -75,32 +75,35 @@ def silu(x: mx.array) -> mx.array:
 
 
 @mx.custom_function
-def _causal_attention_and_weights(q: mx.array, k: mx.array, v: mx.array
-                                  ) -> tuple[mx.array, mx.array]:
-    T, S = q.shape[2], k.shape[2]  # queries are the last T of S positions
-    scores = q @ k.swapaxes(-1, -2)
-    causal = mx.arange(T)[:, None] + (S - T) >= mx.arange(S)[None]
-    weights = softmax(mx.where(causal, scores, -mx.inf))
+def _attention_and_weights(q: mx.array, k: mx.array, v: mx.array, mask: mx.array
+                           ) -> tuple[mx.array, mx.array]:
+    weights = softmax(mx.where(mask, q @ k.swapaxes(-1, -2), -mx.inf))
     return weights @ v, weights
 
 
-@_causal_attention_and_weights.vjp
-def _causal_attention_vjp(primals, cotangents, outputs):
-    (q, k, v), d_out, weights = primals, cotangents[0], outputs[1]
+@_attention_and_weights.vjp
+def _attention_vjp(primals, cotangents, outputs):
+    (q, k, v, mask), d_out, weights = primals, cotangents[0], outputs[1]
     d_weights = d_out @ v.swapaxes(-1, -2)
     d_scores = weights * (d_weights - (d_weights * weights).sum(axis=-1, keepdims=True))
-    return d_scores @ k, d_scores.swapaxes(-1, -2) @ q, weights.swapaxes(-1, -2) @ d_out
+    return (d_scores @ k, d_scores.swapaxes(-1, -2) @ q, weights.swapaxes(-1, -2) @ d_out,
+            mx.zeros_like(mask))
 
 
-def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale + causal mask) v, q [B, H, T, Dh] the last T of k's and v's S
-    positions, through :func:`exp`.
+def masked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                     mask: mx.array | str) -> mx.array:
+    """softmax(q k^T * scale, where ``mask``) v through :func:`exp`: q [B, H, T, Dh], k and v
+    [B, H, S, Dh], ``mask`` a boolean array broadcast to [B, H, T, S] or ``"causal"`` (q the
+    last T of the S positions).
 
     Where exp is slow this replaces ``mx.fast.scaled_dot_product_attention``, whose CPU
-    fallback computes the same softmax with ``mx.exp``. The backward keeps only the [B, H, T, T]
+    fallback computes the same softmax with ``mx.exp``. The backward keeps only the [B, H, T, S]
     attention weights and computes no exp.
     """
-    return _causal_attention_and_weights(q * scale, k, v)[0]
+    if isinstance(mask, str):
+        T, S = q.shape[2], k.shape[2]
+        mask = mx.arange(T)[:, None] + (S - T) >= mx.arange(S)[None]
+    return _attention_and_weights(q * scale, k, v, mask)[0]
 
 
 def rms_norm(x: mx.array, eps: float = 1e-5) -> mx.array:
@@ -155,8 +158,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, cache: Any = 
         k, v = cache.update_and_fetch(k, v)
         if hasattr(cache, "bits"):
             return scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
-    if isinstance(mask, str) and exp_is_scalar():  # "causal"
-        return causal_attention(q, k, v, scale)
+    if mask is not None and exp_is_scalar():
+        return masked_attention(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
