@@ -70,6 +70,18 @@ def _after(x: mx.array, previous: list[mx.array]) -> mx.array:
     return mx.depends(x, previous) if previous else x
 
 
+def _read_out(h: mx.array, weight: mx.array, labels: mx.array) -> tuple[mx.array, ...]:
+    """One chunk's logits ``h @ weight.T``, reduced: (exp(logits - row max), its row sums
+    [rows, 1], log-sum-exp, cross-entropy against ``labels``, arg-max)."""
+    logits = h @ weight.T
+    m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+    e = exp(logits - m)
+    total = e.sum(axis=-1, keepdims=True)
+    lse = (m + mx.log(total))[:, 0]
+    target = mx.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return e, total, lse, lse - target, mx.argmax(logits, axis=-1)
+
+
 def _make_fused(rows: int):
     @mx.custom_function
     def fused(hidden: mx.array, weight: mx.array, labels: mx.array):
@@ -77,13 +89,10 @@ def _make_fused(rows: int):
         ce, lse, argmax = [], [], []
         for lo, hi in _chunks(hidden.shape[0], rows):
             h = _after(hidden[lo:hi], ce[-1:] + argmax[-1:])
-            logits = h @ weight.T
-            m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
-            chunk_lse = (m + mx.log(exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]
-            target = mx.take_along_axis(logits, labels[lo:hi, None], axis=-1)[..., 0]
-            ce.append(chunk_lse - target)
+            _, _, chunk_lse, chunk_ce, chunk_argmax = _read_out(h, weight, labels[lo:hi])
+            ce.append(chunk_ce)
             lse.append(chunk_lse)
-            argmax.append(mx.argmax(logits, axis=-1))
+            argmax.append(chunk_argmax)
         return mx.concatenate(ce), mx.concatenate(lse), mx.concatenate(argmax)
 
     @fused.vjp
@@ -150,13 +159,9 @@ def weighted_linear_cross_entropy(hidden: mx.array, weight: mx.array, labels: mx
     ce, argmax, d_hidden, d_weight = [], [], [], mx.zeros_like(w)
     for lo, hi in _chunks(flat_h.shape[0], chunk_rows):
         h = _after(flat_h[lo:hi], ce[-1:] + argmax[-1:] + d_hidden[-1:] + [d_weight])
-        logits = h @ w.T
-        m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
-        e = exp(logits - m)
-        total = e.sum(axis=-1, keepdims=True)
-        target = mx.take_along_axis(logits, y[lo:hi, None], axis=-1)
-        ce.append((m + mx.log(total) - target)[:, 0])
-        argmax.append(mx.argmax(logits, axis=-1))
+        e, total, _, chunk_ce, chunk_argmax = _read_out(h, w, y[lo:hi])
+        ce.append(chunk_ce)
+        argmax.append(chunk_argmax)
         g = row_w[lo:hi] * (e / total - (vocab == y[lo:hi, None]))
         d_hidden.append(g @ w)
         d_weight = d_weight + g.T @ h
