@@ -71,13 +71,15 @@ def logits_per_act_step(model, inputs):
     return out
 
 
-@pytest.mark.parametrize("scalar_exp", [True, False])
+@pytest.mark.parametrize("scalar_exp,query_block", [(True, 128), (True, 4), (False, 128)])
 def test_the_model_exp_softmax_silu_and_attention_match_mlx_and_their_gradients(
-        monkeypatch, scalar_exp):
+        monkeypatch, scalar_exp, query_block):
     """The power-of-two exp (taken on the CPU off macOS) and MLX's own ops agree, forward and
-    backward, on both sides of the switch."""
+    backward, on both sides of the switch; causal attention in one block or in blocks of 4
+    queries (4 + 4 + 1 of 9)."""
     monkeypatch.setattr(layers, "exp_is_scalar", lambda: scalar_exp)
     monkeypatch.setattr(layers, "SMALL", 1)
+    monkeypatch.setattr(layers, "QUERY_BLOCK", query_block)
     x = mx.random.normal((4, 33), key=mx.random.key(0)) * 8
     np.testing.assert_allclose(np.array(layers.exp(x)), np.exp(np.array(x, np.float64)),
                                rtol=2e-6)
@@ -111,6 +113,47 @@ def test_the_model_exp_softmax_silu_and_attention_match_mlx_and_their_gradients(
         np.array(layers.attention(q, k, v, 0.5, cache=_FixedMask(~hide))),
         np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask=~hide)),
         rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scalar_exp", [True, False])
+def test_swiglu_backward_keeps_only_the_sigmoid_and_matches_autodiff(monkeypatch, scalar_exp):
+    """The SwiGLU's own backward gives autodiff's gradients and keeps one [.., inter] array per
+    application (autodiff keeps four) through a stack of applications sharing the weights."""
+    monkeypatch.setattr(layers, "exp_is_scalar", lambda: scalar_exp)
+    mlp = layers.SwiGLU(16, 4)  # 256 wide
+    x = mx.random.normal((4, 128, 16), key=mx.random.key(0))
+
+    def autodiff(h):
+        gate, up = mx.split(mlp.gate_up_proj(h), 2, axis=-1)
+        return mlp.down_proj(nn.silu(gate) * up)
+
+    def step(f, n):
+        def loss(params, h):
+            mlp.update(params)
+            for _ in range(n):
+                h = h + 0.1 * f(h)
+            return (h * mx.cos(h)).sum()
+        return mx.value_and_grad(loss, argnums=(0, 1))
+
+    params = mlp.trainable_parameters()
+    ours, stock = step(mlp, 3)(params, x), step(autodiff, 3)(params, x)
+    for (_, a), (_, b) in zip(tree_flatten(ours), tree_flatten(stock), strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+    def growth(f):  # peak bytes per extra application, between 6 and 10 applications
+        peaks = []
+        for n in (6, 10):
+            g = step(f, n)
+            mx.eval(g(params, x))
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            mx.eval(g(params, x))
+            peaks.append(mx.get_peak_memory() - base)
+        return (peaks[1] - peaks[0]) / 4
+
+    sigmoid_bytes = 4 * 128 * 256 * 4
+    assert growth(mlp) < 1.5 * sigmoid_bytes < 0.5 * growth(autodiff)
 
 
 class _FixedMask:
