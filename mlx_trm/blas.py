@@ -61,7 +61,7 @@ def reuse_large_buffers() -> bool:
     """On Linux, have glibc serve large buffers from its heap and keep them when freed.
 
     MLX's CPU backend allocates with ``malloc``; glibc maps every buffer over 32 MB as fresh
-    pages and unmaps it on free, so each [2048, 10k] loss chunk or [64, 512, 1024] activation is
+    pages and unmaps it on free, so each [64, 512, 1024] activation is
     paid again in page faults: ``x * 0.5`` on 82M floats takes 330 ms, and 48 ms with this
     setting (2-core x86). The price is resident memory: freed buffers stay with the process, as
     MLX's Metal allocator keeps its buffer cache. Returns whether glibc took the setting.
