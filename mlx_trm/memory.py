@@ -75,7 +75,7 @@ def _probe_peak(model: Model, rows: int, seq_len: int, chunk_rows: int) -> int:
 def step_peak(model: Model, micro_rows: int, seq_len: int) -> tuple[float, float]:
     """(fixed bytes, bytes per row) of a training step, measured on 1 and 2 rows."""
     run_rows = micro_rows * seq_len
-    run_chunk = plan_chunk_rows(run_rows, model.args.vocab_size)
+    run_chunk = plan_chunk_rows(run_rows, model.args.vocab_size, training=True)
 
     def probe_chunk(r: int) -> int:  # the run's loss path, its chunk scaled with the rows
         return r * seq_len if run_chunk >= run_rows else max(1, round(run_chunk * r / micro_rows))

@@ -373,7 +373,7 @@ def token_cross_entropy(outputs: dict[str, Any], labels: mx.array, row_weight: m
                         and mx.issubdtype(weight.dtype, mx.floating))
         vocab = weight.shape[0] if plain_weight else head.as_linear(hidden[:1, :1]).shape[-1]
         rows = labels.size
-        chunk = chunk_rows or plan_chunk_rows(rows, vocab)
+        chunk = chunk_rows or plan_chunk_rows(rows, vocab, training)
         if chunk < rows and plain_weight and training:
             return weighted_linear_cross_entropy(hidden, weight, labels, row_weight, chunk)
         if chunk < rows and plain_weight:
