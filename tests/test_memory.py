@@ -223,3 +223,15 @@ def test_no_gradient_cycles_hold_no_activations():
     one = activation_peak(small_model(hidden_size=32, expansion=8, L_cycles=3, H_cycles=1))
     three = activation_peak(small_model(hidden_size=32, expansion=8, L_cycles=3, H_cycles=3))
     assert three < one * 1.15
+
+
+def test_the_estimate_extrapolates_from_smaller_micro_batches_to_the_measured_peak():
+    """The estimate for 32 rows, from probes on 4 and 8 (an eighth and a quarter), lands near
+    the peak measured on all 32 rows."""
+    from mlx_trm.memory import _probe_peak, probe_rows, step_peak
+
+    assert probe_rows(1) == (1, 2) and probe_rows(15) == (1, 2) and probe_rows(64) == (8, 16)
+    model = small_model(hidden_size=32, expansion=8, L_cycles=3, H_cycles=1, vocab_size=2000)
+    fixed, per_row = step_peak(model, 32, 128)
+    measured = _probe_peak(model, 32, 128, chunk_rows=1024)
+    assert 0.8 * measured < fixed + 32 * per_row < 1.25 * measured
