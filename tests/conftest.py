@@ -84,3 +84,30 @@ def save_small_model(directory: Path, seq_len: int) -> Path:
     model = build_model(ModelConfig(hidden_size=16, num_heads=2, expansion=2, L_layers=2,
                                     L_cycles=2, halt_max_steps=2, seq_len=seq_len))
     return save(directory, model, load_tokenizer())
+
+
+def model_kinds(moe: dict) -> dict[str, dict]:
+    """ModelConfig overrides for the five families, the MoE ones with the expert settings ``moe``:
+    flat, dense TRM, dense TRM + ACT, MoEUT, MoEUT + ACT."""
+    return {
+        "flat": dict(flat_transformer=True, halt_max_steps=1),
+        "dense": dict(halt_max_steps=1),
+        "dense_act": dict(halt_max_steps=3),
+        "moeut": dict(halt_max_steps=1, **moe),
+        "moeut_act": dict(halt_max_steps=2, **moe),
+    }
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """folder -> its reference step_3.pt converted to a model directory (once per module)."""
+    pytest.importorskip("torch", reason="converting the reference checkpoints needs torch")
+    from mlx_trm.convert import torch_to_mlx
+
+    root, done = tmp_path_factory.mktemp("converted"), {}
+
+    def convert(folder):
+        if folder not in done:
+            done[folder] = torch_to_mlx(folder / "step_3.pt", root / str(len(done)))
+        return done[folder]
+    return convert

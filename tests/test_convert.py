@@ -22,18 +22,6 @@ DENSE = ARCHS[:2]
 CASES = reference_cases()  # every reference fixture folder: small ones, full-size when present
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """folder -> its step_3.pt converted (once per module)."""
-    root, done = tmp_path_factory.mktemp("converted"), {}
-
-    def convert(folder):
-        if folder not in done:
-            done[folder] = torch_to_mlx(folder / "step_3.pt", root / str(len(done)))
-        return done[folder]
-    return convert
-
-
 def expected(folder) -> dict[str, np.ndarray]:
     return dict(np.load(folder / "expected.npz"))
 

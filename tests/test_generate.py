@@ -25,7 +25,7 @@ from mlx_trm.generate import (
     stream_generate,
 )
 from mlx_trm.models import build_model
-from tests.conftest import reference_cases, save_small_model
+from tests.conftest import model_kinds, reference_cases, save_small_model
 
 # the module: mlx_trm.generate may also name the package's generate() function
 gen = importlib.import_module("mlx_trm.generate")
@@ -33,13 +33,7 @@ decoders = importlib.import_module("mlx_trm.models.decoders")  # where the cache
 
 MOE = dict(use_moeut=True, moe_ff_n_experts=4, moe_ff_expert_size=8, moe_ff_k=2,
            moe_att_n_experts=2, moe_att_k=1)
-KINDS = {
-    "flat": dict(flat_transformer=True, halt_max_steps=1),
-    "dense": dict(halt_max_steps=1),
-    "dense_act": dict(halt_max_steps=3),
-    "moeut": dict(halt_max_steps=1, **MOE),
-    "moeut_act": dict(halt_max_steps=2, **MOE),
-}
+KINDS = model_kinds(MOE)
 PROMPT = [5, 17, 3, 42, 8, 61]
 
 
@@ -232,21 +226,6 @@ def test_recursion_override_changes_logits_and_stays_cache_exact(model_dir, over
 
 # ----------------------------------------------------------------------------------------------
 # Reference checkpoints: cached greedy ids equal the reference's re-forward loop
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """folder -> its step_3.pt converted (once per module)."""
-    pytest.importorskip("torch", reason="converting the reference checkpoints needs torch")
-    from mlx_trm.convert import torch_to_mlx
-
-    root, done = tmp_path_factory.mktemp("converted"), {}
-
-    def convert(folder):
-        if folder not in done:
-            done[folder] = torch_to_mlx(folder / "step_3.pt", root / str(len(done)))
-        return done[folder]
-    return convert
 
 
 @pytest.mark.parametrize("folder", reference_cases())

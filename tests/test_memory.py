@@ -161,9 +161,10 @@ def test_checkpointed_activations_give_the_same_loss_and_gradients(kind):
 
 
 def test_fit_memory_turns_on_checkpointing_then_names_the_accumulation(capsys):
-    # 64 rows of 256 tokens: enough that the 14 applications' activations outweigh the rest
+    # 16 rows of 256 tokens: enough that the 14 applications' activations outweigh the rest
+    # (the probes run on 2 and 4 rows)
     config = load_config(CONFIGS / "trm_tinystories_1m.yaml",
-                         ["model.seq_len=256", "train.global_batch_size=64"])
+                         ["model.seq_len=256", "train.global_batch_size=16"])
     model = build_model(config.model)
     off = fit_memory(model, config, warn=False, limit=10**12)
     assert off["checkpoint_activations"] is False and capsys.readouterr().err == ""

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_trm.config import ModelConfig
 from mlx_trm.interop import Model as InteropModel
 from mlx_trm.models import trm
+from tests.conftest import model_kinds
 
 mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm.generate import batch_generate, generate_step  # noqa: E402
@@ -24,13 +25,7 @@ from mlx_lm.models import cache as lm_cache  # noqa: E402
 
 MOE = dict(use_moeut=True, moe_ff_n_experts=4, moe_ff_expert_size=16, moe_ff_k=2,
            moe_att_n_experts=4, moe_att_k=2)
-KINDS = {
-    "flat": dict(flat_transformer=True, halt_max_steps=1),
-    "dense": dict(halt_max_steps=1),
-    "dense_act": dict(halt_max_steps=3),
-    "moeut": dict(halt_max_steps=1, **MOE),
-    "moeut_act": dict(halt_max_steps=2, **MOE),
-}
+KINDS = model_kinds(MOE)
 PROMPTS = [[5, 17, 3, 42, 8, 61], [9], list(range(30, 41))]
 N = 10
 # batch_generate decodes the ids at the end; no token is an end-of-sequence here
