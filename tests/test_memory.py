@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_trm.config import ConfigError, ModelConfig, load_config
-from mlx_trm.memory import fit_memory, fitting_accum
+from mlx_trm.memory import _probe_peak, fit_memory, fitting_accum, probe_rows, step_peak
 from mlx_trm.models import act_loss, act_step, build_model, initial_carry
 from mlx_trm.models.loss import (
     cross_entropy,
@@ -200,8 +200,6 @@ def test_checkpoint_activations_setting_is_typed(tmp_path):
 
 
 def activation_peak(model, rows=2, seq_len=256) -> int:
-    from mlx_trm.memory import _probe_peak
-
     return _probe_peak(model, rows, seq_len, chunk_rows=64)
 
 
@@ -229,8 +227,6 @@ def test_no_gradient_cycles_hold_no_activations():
 def test_the_estimate_extrapolates_from_smaller_micro_batches_to_the_measured_peak():
     """The estimate for 32 rows, from probes on 4 and 8 (an eighth and a quarter), lands near
     the peak measured on all 32 rows."""
-    from mlx_trm.memory import _probe_peak, probe_rows, step_peak
-
     assert probe_rows(1) == (1, 2) and probe_rows(15) == (1, 2) and probe_rows(64) == (8, 16)
     model = small_model(hidden_size=32, expansion=8, L_cycles=3, H_cycles=1, vocab_size=2000)
     fixed, per_row = step_peak(model, 32, 128)
