@@ -20,16 +20,24 @@ from typing import Any, TextIO
 import mlx.core as mx
 import mlx.nn as nn
 
-from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
+from .adaptive import add_adaptive_arguments, policy_from_args
 from .blas import prepare_cpu_backend
 from .cli import (
     add_model_arguments,
     add_sampling_arguments,
+    add_speculative_arguments,
     load_for_generation,
     logits_processors_from_args,
+    speculation_from_args,
 )
 from .config import ConfigError, cli_errors
-from .generate import GenerationResponse, make_sampler, print_stats, stream_generate
+from .generate import (
+    GenerationResponse,
+    decoding_lines,
+    make_sampler,
+    print_stats,
+    stream_generate,
+)
 
 HELP = """\
 Type text and the model continues the story; an empty line lets it go on.
@@ -46,10 +54,11 @@ class StorySession:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_tokens: int = 200,
                  temp: float = 0.7, top_k: int = 40, top_p: float = 0.0, min_p: float = 0.0,
-                 compile: bool = True, halt_policy: Any = None,
+                 compile: bool = True, halt_policy: Any = None, speculation: Any = None,
                  logits_processors: list[Any] | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.halt_policy = halt_policy  # mlx_trm.adaptive: per-token halting (None: all steps)
+        self.halt_policy = halt_policy  # per-token halting (None: all steps)
+        self.speculation = speculation  # speculative decoding (None: off)
         self.top_k, self.top_p, self.min_p = top_k, top_p, min_p
         self.compile = compile
         self.logits_processors = logits_processors  # mlx-lm's (--repetition-penalty)
@@ -89,6 +98,7 @@ class StorySession:
         for response in stream_generate(self.model, self.tokenizer, self.context,
                                         self.max_tokens, sampler=self.sampler,
                                         compile=self.compile, halt_policy=self.halt_policy,
+                                        speculation=self.speculation,
                                         logits_processors=self.logits_processors):
             if response.finish_reason != "stop":
                 self.context.append(response.token)
@@ -98,8 +108,8 @@ class StorySession:
 
 def print_session_stats(session: StorySession, file: TextIO) -> None:
     print_stats(session.last, file=file)
-    if session.halt_policy is not None:
-        print(steps_line(session.halt_policy), file=file)
+    for line in decoding_lines(session.halt_policy, session.speculation):
+        print(line, file=file)
 
 
 def run_command(session: StorySession, line: str, out: TextIO) -> bool:
@@ -173,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stats", action="store_true", help="statistics after each reply")
     parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
     add_adaptive_arguments(parser)
+    add_speculative_arguments(parser)
     args = parser.parse_args(argv)
 
     prepare_cpu_backend()
@@ -186,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                            compile=not args.no_compile,
                            halt_policy=policy_from_args(model, args),
+                           speculation=speculation_from_args(model, tokenizer, args),
                            logits_processors=logits_processors_from_args(args))
     session.stats = args.stats
     repl(session, sys.stdin, sys.stdout)

@@ -1,5 +1,6 @@
 """Command-line pieces that ``mlx_trm.generate``, ``mlx_trm.chat`` and ``mlx_trm.evaluate`` share:
-the model/tokenizer arguments and loading, the sampling arguments, prompt files."""
+the model/tokenizer arguments and loading, the sampling and speculative-decoding arguments,
+prompt files."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mlx_lm.sample_utils import make_logits_processors
 
 from .checkpoint import load
 from .config import ConfigError
+from .generation.speculative import Speculation, speculation
 from .tokenizer import load_tokenizer
 
 DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "model"
@@ -105,3 +107,38 @@ def logits_processors_from_args(args: argparse.Namespace) -> list[Any]:
     return make_logits_processors(repetition_penalty=args.repetition_penalty,
                                   repetition_context_size=args.repetition_context_size)
 
+
+
+DEFAULT_DRAFT_TOKENS = 3
+
+
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft-steps", type=int, default=None,
+                        help="speculative recursion: draft with the model's first N ACT steps, "
+                             "verify with the rest (same output, fewer passes; default: off)")
+    parser.add_argument("--draft-model", default=None,
+                        help="speculative decoding with a separate, smaller draft model "
+                             "directory (same tokenizer)")
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help=f"tokens drafted per round (default {DEFAULT_DRAFT_TOKENS})")
+
+
+def speculation_from_args(model: nn.Module, tokenizer: Any,
+                          args: argparse.Namespace) -> Speculation | None:
+    """What --draft-steps / --draft-model / --num-draft-tokens ask for (None without them)."""
+    if args.draft_steps is None and args.draft_model is None:
+        if args.num_draft_tokens is not None:
+            raise ConfigError("--num-draft-tokens only applies with --draft-steps N or "
+                              "--draft-model DIR; add one or drop it")
+        return None
+    draft = None
+    if args.draft_model is not None:
+        draft, draft_tokenizer = load(resolve_model_path(args.draft_model))
+        probe = "Once upon a time, Lily said: \"Look!\" 123"
+        if draft_tokenizer is not None and (
+                draft_tokenizer.vocab_size != tokenizer.vocab_size
+                or draft_tokenizer.encode(probe) != tokenizer.encode(probe)):
+            raise ConfigError(f"the draft model {args.draft_model} has another tokenizer than "
+                              "the model; speculative decoding needs the same one")
+    k = DEFAULT_DRAFT_TOKENS if args.num_draft_tokens is None else args.num_draft_tokens
+    return speculation(model, k, args.draft_steps, draft)

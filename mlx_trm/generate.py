@@ -28,35 +28,24 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.sample_utils import (  # noqa: F401  (re-exported: mlx_trm.generate's names)
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    make_logits_processors,
-)
 from mlx_lm.sample_utils import make_sampler as _mlx_lm_make_sampler
 
-from .adaptive import AdaptiveDecoder, add_adaptive_arguments, policy_from_args, steps_line
+from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
 from .blas import blas_threads, loaded_blas, prepare_cpu_backend
-from .cli import (  # noqa: F401  (re-exported: mlx_trm.generate is where they used to live)
-    DEMO_MODEL,
+from .cli import (
     add_model_arguments,
     add_sampling_arguments,
+    add_speculative_arguments,
     load_for_generation,
     logits_processors_from_args,
     read_prompts,
-    resolve_model_path,
+    speculation_from_args,
 )
 from .config import ConfigError, cli_errors
-from .models.decoders import (  # noqa: F401  (re-exported, as above)
-    CACHE_BLOCK,
-    WINDOW_BLOCK,
-    CachedDecoder,
-    FullForwardDecoder,
-    compiled_decode_step,
-    left_pad,
-)
-from .tokenizer import StreamingDetokenizer, decode_continuation  # noqa: F401  (re-exported)
+from .generation.adaptive import AdaptiveDecoder
+from .generation.decoders import CachedDecoder, Decoder, FullForwardDecoder
+from .generation.speculative import Speculation, SpeculativeDecoder
+from .tokenizer import StreamingDetokenizer, decode_continuation
 
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities [B, V] -> token ids [B]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (token history, logits) -> logits
@@ -80,36 +69,52 @@ def make_sampler(temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
     return _mlx_lm_make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
-def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+def make_decoder(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, *,
+                 use_cache: bool = True, compile: bool = True, prefill_step_size: int = 512,
+                 halt_policy: Any = None, speculation: Speculation | None = None) -> Decoder:
+    """The decoder the options ask for: fixed depth (cached, or the full re-forward without a
+    cache), adaptive halting, or speculative recursion."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("a prompt is empty (no tokens); the model adds no BOS, so generation "
-                          "needs at least one prompt token")
+        raise ConfigError("a prompt is empty (no tokens); start it from the end-of-story token "
+                          "(tokenizer.eos_id) to write a story from nothing")
+    if not use_cache and (halt_policy is not None or speculation is not None):
+        raise ConfigError("--adaptive-halt and speculative decoding run on the cache; "
+                          "drop --no-cache")
+    if halt_policy is not None and speculation is not None:
+        raise ConfigError("--adaptive-halt and speculative decoding do not combine (the draft "
+                          "would need a halting rule of its own); drop one of them")
+    kwargs = dict(compile=compile, prefill_step_size=prefill_step_size)
+    if not use_cache:
+        return FullForwardDecoder(model, prompts, max_tokens)
+    if halt_policy is not None:
+        return AdaptiveDecoder(model, prompts, max_tokens, policy=halt_policy, **kwargs)
+    if speculation is not None:
+        return SpeculativeDecoder(model, prompts, max_tokens, speculation=speculation, **kwargs)
+    return CachedDecoder(model, prompts, max_tokens, **kwargs)
 
 
 def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_tokens: int = 256,
                     sampler: Sampler | None = None, use_cache: bool = True, compile: bool = True,
                     prefill_step_size: int = 512, halt_policy: Any = None,
+                    speculation: Speculation | None = None,
                     logits_processors: Sequence[LogitsProcessor] | None = None
                     ) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield ``(tokens [B], logprobs [B, V])`` for a batch of prompts, one step at a time.
 
     ``max_tokens < 0`` is unbounded. The next step is queued before the current token is
     handed out (mlx-lm's pipelining), so Python overhead overlaps the computation.
-    ``halt_policy`` (mlx_trm.adaptive) halts each token's ACT steps on its own.
+    ``halt_policy`` (mlx_trm.generation.adaptive) halts each token's ACT steps on its own;
+    ``speculation`` (mlx_trm.generation.speculative) drafts and verifies several tokens a step.
     ``logits_processors`` (mlx-lm's, e.g. ``make_logits_processors(repetition_penalty=1.3)``)
     see each row alone, with that row's prompt and generated tokens as its history.
     """
-    _check_prompts(prompts)
-    decoder_class = CachedDecoder if use_cache else FullForwardDecoder
-    kwargs = {}
-    if halt_policy is not None:
-        if not use_cache:
-            raise ConfigError("--adaptive-halt runs on the cache; drop --no-cache")
-        decoder_class, kwargs = AdaptiveDecoder, {"policy": halt_policy}
-    decode = decoder_class(model, prompts, max_tokens, compile=compile,
-                           prefill_step_size=prefill_step_size, **kwargs)
+    if speculation is not None and logits_processors:
+        raise ConfigError("--repetition-penalty and speculative decoding do not combine (the "
+                          "verifier would need each draft's history); drop one of them")
+    decode = make_decoder(model, prompts, max_tokens, use_cache=use_cache, compile=compile,
+                          prefill_step_size=prefill_step_size, halt_policy=halt_policy,
+                          speculation=speculation)
     sampler = sampler or greedy
-
     history = [mx.array(p, dtype=mx.int32) for p in prompts]
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -126,23 +131,23 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
 
     if max_tokens == 0:
         return
-    y, logprobs = sample(decode.prefill())
-    mx.async_eval(y, logprobs)
+    pending = [sample(decode.prefill())]
+    mx.async_eval(pending)
     # A cached step multiplies one row per prompt: on a CPU, BLAS threads only get in its way.
     with blas_threads(1) if use_cache else nullcontext():
         n = 0
         while True:
+            y, logprobs = pending.pop(0)
             if logits_processors:
                 history = [mx.concatenate([h, y[i:i + 1].astype(mx.int32)])
                            for i, h in enumerate(history)]
-            if n + 1 != max_tokens:
-                next_y, next_logprobs = sample(decode(y))
-                mx.async_eval(next_y, next_logprobs)
+            if not pending and n + 1 != max_tokens:
+                pending = decode.step(y, sample)
+                mx.async_eval(pending)
             yield y, logprobs
             n += 1
             if n == max_tokens:
                 return
-            y, logprobs = next_y, next_logprobs
 
 
 def generate_step(prompt: mx.array | Sequence[int], model: nn.Module, *, max_tokens: int = 256,
@@ -336,8 +341,14 @@ def batch_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Seq
 
 
 
+def decoding_lines(halt_policy: Any = None, speculation: Speculation | None = None) -> list[str]:
+    """The statistics lines of adaptive halting and speculative decoding, after mlx-lm's."""
+    lines = [steps_line(halt_policy)] if halt_policy is not None else []
+    return lines + ([speculation.line()] if speculation is not None else [])
+
+
 def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
-                sampler: Sampler, policy: Any = None) -> None:
+                sampler: Sampler, decoding: dict) -> None:
     prompts = read_prompts(args.prompts_file)
     longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
     args.max_tokens = fit_max_tokens(model, longest, args.max_tokens)
@@ -347,7 +358,7 @@ def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
     result = batch_generate(model, tokenizer, prompts, args.max_tokens, batch_size=args.batch_size,
                             ignore_eos=args.ignore_eos, sampler=sampler,
                             use_cache=not args.no_cache, compile=not args.no_compile,
-                            halt_policy=policy, logits_processors=logits_processors_from_args(args))
+                            logits_processors=logits_processors_from_args(args), **decoding)
     settings = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
                 "min_p": args.min_p, "seed": args.seed,
                 "repetition_penalty": args.repetition_penalty,
@@ -362,14 +373,14 @@ def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
         out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         print(f"wrote {len(lines)} stories to {out}")
         print_stats(result.stats)
-        if policy is not None:
-            print(steps_line(policy))
+        for line in decoding_lines(**decoding):
+            print(line)
     else:  # JSON lines on stdout, statistics on stderr
         for line in lines:
             print(line)
         print_stats(result.stats, file=sys.stderr)
-        if policy is not None:
-            print(steps_line(policy), file=sys.stderr)
+        for line in decoding_lines(**decoding):
+            print(line, file=sys.stderr)
 
 
 @cli_errors
@@ -396,13 +407,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="print the model, its cache slots and the BLAS first")
     add_adaptive_arguments(parser)
+    add_speculative_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_tokens is not None and (args.max_tokens == 0 or args.max_tokens < -1):
         raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
 
     prepare_cpu_backend()
     model, tokenizer = load_for_generation(args)
-    policy = policy_from_args(model, args)
+    decoding = dict(halt_policy=policy_from_args(model, args),
+                    speculation=speculation_from_args(model, tokenizer, args))
     sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -413,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
               f"cache slots: {model.num_cache_slots if not args.no_cache else 'off'}, "
               f"compiled: {not args.no_cache and not args.no_compile}, BLAS: {loaded_blas()}")
     if args.prompts_file:
-        return _batch_main(args, model, tokenizer, sampler, policy)
+        return _batch_main(args, model, tokenizer, sampler, decoding)
 
     ids = encode_prompt(tokenizer, args.prompt)
     args.max_tokens = fit_max_tokens(model, len(ids), args.max_tokens)
@@ -425,14 +438,14 @@ def main(argv: list[str] | None = None) -> None:
     response = None
     for response in stream_generate(model, tokenizer, ids, args.max_tokens, sampler=sampler,
                                     ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
-                                    compile=not args.no_compile, halt_policy=policy,
+                                    compile=not args.no_compile, **decoding,
                                     logits_processors=logits_processors_from_args(args)):
         print(response.text, end="", flush=True)
     print()
     if response is not None:
         print_stats(response)
-        if policy is not None:
-            print(steps_line(policy))
+        for line in decoding_lines(**decoding):
+            print(line)
 
 
 if __name__ == "__main__":

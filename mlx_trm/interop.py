@@ -17,7 +17,10 @@ directory needs, next to our own files (:func:`write_mlx_lm_files`):
 The cache is one stock ``mlx_lm.models.cache.KVCache`` per layer application (models/cache.py
 says why that is exact), so mlx-lm's batched generation (``batch_generate``, the server's
 continuous batching, ``mlx_lm.benchmark -b N``), prompt-cache files, the server's prompt-cache
-trimming and ``--kv-bits`` work unchanged; ``--max-kv-size`` is refused (:meth:`Model.make_cache`).
+trimming and ``--kv-bits`` work unchanged. A one-token forward over those slots runs our compiled
+decode step (:func:`decode_into_mlx_lm_cache`). mlx-lm ignores ``--max-kv-size`` for every model
+that makes its own cache (``make_prompt_cache`` does not pass the size on), so ours keep every key
+of every layer application, and the output is the exact one.
 Directories with the gpt-neo-10k tokenizer (or
 none) get ``mlx_lm_unsupported`` in config.json, and loading them in mlx-lm stops with that reason.
 
@@ -35,18 +38,12 @@ from dataclasses import asdict
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.models import cache as lm_cache
 
 from .checkpoint import load_dir_tokenizer, read_model_config, resolve_model_dir
 from .config import ConfigError, ModelConfig, cli_errors, model_config_from_dict
-from .mlx_lm_files import (  # noqa: F401  (the writer's home is mlx_trm.mlx_lm_files)
-    CHAT_TEMPLATE,
-    MODEL_FILE,
-    MODEL_FILE_SOURCE,
-    UNSUPPORTED_KEY,
-    hf_tokenizer,
-    hf_tokenizer_config,
-    write_mlx_lm_files,
-)
+from .generation.decoders import WINDOW_BLOCK, compiled_decode_step, round_up
+from .mlx_lm_files import UNSUPPORTED_KEY, write_mlx_lm_files
 from .models.trm import Model as TRMModel
 
 # ----------------------------------------------------------------------------------------------
@@ -78,22 +75,78 @@ class Model(TRMModel):
         return {k: v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v
                 for k, v in weights.items()}
 
-    def make_cache(self) -> list:
-        """One stock mlx-lm ``KVCache`` per layer application; refuses ``--max-kv-size``.
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """The model's forward; one new position over mlx-lm's own cache slots takes the
+        compiled decode step of our decoders (mlx-lm would otherwise run it eagerly, dispatching
+        every operation of every layer application from Python)."""
+        if inputs.shape[1] == 1 and cache is not None and write_column(cache) is not None:
+            return decode_into_mlx_lm_cache(self, inputs, cache)
+        return super().__call__(inputs, cache)
 
-        mlx-lm's ``make_prompt_cache(model, max_kv_size)`` calls ``model.make_cache()`` without
-        passing the size on, so the option would be accepted and then ignored. A rotating window
-        per slot would change what the recursion computes (every stage would see only the last
-        window of each latent), so the size is read from that caller and refused before any
-        token is generated.
-        """
-        caller = sys._getframe(1)
-        if (caller.f_code.co_name == "make_prompt_cache"
-                and caller.f_locals.get("max_kv_size") is not None):
-            raise ValueError("mlx-trm models do not support --max-kv-size (max_kv_size): their "
-                             "recursion needs every key of every layer application; run "
-                             "without it")
-        return super().make_cache()
+
+# ----------------------------------------------------------------------------------------------
+# The compiled decode step on mlx-lm's slots, through their public API only
+#
+# ``KVCache``: the public attributes ``keys``, ``values`` (buffers a block longer than what is
+# written), ``offset`` (columns written) and ``step`` (its growth block). ``BatchKVCache``: its
+# ``state`` property, (keys, values, offset [B], left_padding [B], write column), which it also
+# takes back. tests/test_mlx_lm_batch.py fails by name if an mlx-lm upgrade changes either.
+
+
+def _batch_state(slot: Any) -> tuple | None:
+    state = slot.state
+    return state if isinstance(state, tuple) and len(state) == 5 else None
+
+
+def write_column(cache: list) -> int | None:
+    """The buffer column every slot writes next, or None where the compiled step cannot take the
+    cache: only stock ``KVCache`` slots (``mlx_lm.generate``) or ``BatchKVCache`` slots (its
+    batched generation and the server) holding keys, all of one type, column and capacity;
+    never quantized (``--kv-bits``) or rotating ones."""
+    first = cache[0]
+    kind = type(first)
+    if kind not in (lm_cache.KVCache, lm_cache.BatchKVCache) or first.keys is None:
+        return None
+    if kind is lm_cache.KVCache:
+        columns = [c.offset for c in cache if type(c) is kind and c.keys is not None]
+    else:
+        columns = [s[4] for c in cache if type(c) is kind and (s := _batch_state(c))]
+    if len(columns) != len(cache) or any(col != columns[0] for col in columns):
+        return None
+    if any(c.keys.shape[2] != first.keys.shape[2] for c in cache):
+        return None
+    return columns[0]
+
+
+def decode_into_mlx_lm_cache(model: TRMModel, tokens: mx.array, cache: list) -> mx.array:
+    """One new position [B, 1] through every slot of a stock mlx-lm cache: logits [B, 1, V].
+
+    The compiled step runs on the slots' own buffers (columns past the write column are masked;
+    a ``BatchKVCache``'s left padding is masked as its own mask does), then each slot takes the
+    new buffers and moves on by one, exactly as ``update_and_fetch`` would have left it.
+    """
+    column = write_column(cache)
+    first = cache[0]
+    capacity = first.keys.shape[2]
+    batched = type(first) is lm_cache.BatchKVCache
+    keys = [c.keys[..., :column, :] if column + 1 > capacity else c.keys for c in cache]
+    values = [c.values[..., :column, :] if column + 1 > capacity else c.values for c in cache]
+    if column + 1 > capacity:  # full: grow every slot by mlx-lm's own block
+        grow = [(0, 0), (0, 0), (0, first.step), (0, 0)]
+        keys, values = [mx.pad(k, grow) for k in keys], [mx.pad(v, grow) for v in values]
+    B = tokens.shape[0]
+    left_padding = (first.left_padding.astype(mx.int32) if batched
+                    else mx.zeros((B,), dtype=mx.int32))
+    window = min(round_up(column + 1, WINDOW_BLOCK), keys[0].shape[2])
+    logits, keys, values = compiled_decode_step(model)(
+        tokens[:, 0], mx.array(column, dtype=mx.int32), left_padding, keys, values, window)
+    for c, k, v in zip(cache, keys, values):
+        if batched:
+            _, _, offset, padding, _ = c.state
+            c.state = (k, v, offset + 1, padding, column + 1)
+        else:
+            c.keys, c.values, c.offset = k, v, c.offset + 1
+    return logits
 
 
 class _TrmConfigWarningFilter(logging.Filter):

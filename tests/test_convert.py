@@ -292,7 +292,7 @@ def test_mlx_model_metadata_is_what_the_reference_reads(trained_run, tmp_path):
 
 
 def test_demo_model_converts_with_its_run_step(tmp_path):
-    from mlx_trm.generate import DEMO_MODEL
+    from mlx_trm.cli import DEMO_MODEL
 
     written = torch.load(mlx_to_torch(DEMO_MODEL, tmp_path / "demo.pt"), weights_only=True)
     provenance = json.loads((DEMO_MODEL / "provenance.json").read_text())
@@ -331,7 +331,8 @@ def test_the_reference_scripts_load_it_and_give_our_greedy_ids(which, trained_ru
     import subprocess
     import sys
 
-    from mlx_trm.generate import DEMO_MODEL, generate_step
+    from mlx_trm.cli import DEMO_MODEL
+    from mlx_trm.generate import generate_step
     from tests.conftest import ROOT
 
     model_dir = DEMO_MODEL if which == "demo" else trained_run

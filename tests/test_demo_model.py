@@ -10,7 +10,7 @@ import sys
 
 import mlx.core as mx
 
-from mlx_trm.generate import DEMO_MODEL
+from mlx_trm.cli import DEMO_MODEL
 
 # words any TinyStories-like English story is full of
 COMMON = {"the", "a", "was", "and", "to", "he", "she", "they", "her", "his", "it", "day",

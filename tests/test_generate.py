@@ -11,25 +11,23 @@ import pytest
 
 from mlx_trm.checkpoint import load
 from mlx_trm.config import ConfigError, ModelConfig
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
 from mlx_trm.generate import (
-    CachedDecoder,
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
     batch_generate,
     check_length,
     generate_step,
     generate_tokens,
-    make_logits_processors,
     make_sampler,
     stream_generate,
 )
+from mlx_trm.generation.decoders import CachedDecoder
 from mlx_trm.models import build_model
 from tests.conftest import model_kinds, reference_cases, save_small_model
 
 # the module: mlx_trm.generate may also name the package's generate() function
 gen = importlib.import_module("mlx_trm.generate")
-decoders = importlib.import_module("mlx_trm.models.decoders")  # where the cache blocks are read
+decoders = importlib.import_module("mlx_trm.generation.decoders")  # where the cache blocks are read
 
 MOE = dict(use_moeut=True, moe_ff_n_experts=4, moe_ff_expert_size=8, moe_ff_k=2,
            moe_att_n_experts=2, moe_att_k=1)

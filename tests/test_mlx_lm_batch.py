@@ -15,8 +15,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_trm.config import ModelConfig
+from mlx_trm import interop
 from mlx_trm.interop import Model as InteropModel
-from mlx_trm.models import trm
 from tests.conftest import model_kinds
 
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -102,27 +102,50 @@ def test_kv_bits_quantizes_every_slot_and_stays_close():
     assert np.abs(lps[0] - ref_lps[0]).max() < 0.05
 
 
-def test_max_kv_size_is_refused_before_any_token():
+def test_max_kv_size_is_ignored_and_the_output_stays_exact():
+    """mlx-lm does not pass --max-kv-size on to a model's own make_cache (documented in
+    mlx_trm.interop): every key is kept, so the ids are those of a run without it."""
     model = tiny_model("dense")
-    with pytest.raises(ValueError, match="--max-kv-size"):
-        next(generate_step(mx.array(PROMPTS[0]), model, max_kv_size=16))
-    with pytest.raises(ValueError, match="--max-kv-size"):
-        lm_cache.make_prompt_cache(model, max_kv_size=16)
-    assert len(lm_cache.make_prompt_cache(model)) == model.num_cache_slots
+    plain = [int(t) for t, _ in generate_step(mx.array(PROMPTS[2]), model, max_tokens=N)]
+    limited = [int(t) for t, _ in generate_step(mx.array(PROMPTS[2]), model, max_tokens=N,
+                                                max_kv_size=4)]
+    assert limited == plain
+    assert all(type(c) is lm_cache.KVCache
+               for c in lm_cache.make_prompt_cache(model, max_kv_size=4))
+
+
+def test_mlx_lm_cache_api_is_what_the_compiled_step_reads():
+    """mlx_trm.interop drives mlx-lm's slots through their public API only: KVCache's keys,
+    values, offset and step; BatchKVCache's five-field state (keys, values, offset, left
+    padding, write column), read and written back. This fails by name if an mlx-lm upgrade
+    changes either."""
+    k = mx.ones((2, 1, 3, 4))
+    plain = lm_cache.KVCache()
+    plain.update_and_fetch(k, k)
+    assert plain.offset == 3 and plain.keys.shape[2] >= 3 and isinstance(plain.step, int)
+    batch = lm_cache.BatchKVCache([1, 0])
+    batch.update_and_fetch(k, k)
+    keys, values, offset, left_padding, column = batch.state
+    assert column == 3 and keys.shape[2] >= 3 and offset.tolist() == [2, 3]
+    assert left_padding.tolist() == [1, 0]
+    batch.state = (keys, values, offset + 1, left_padding, column + 1)
+    assert batch.state[4] == 4 and batch.offset.tolist() == [3, 4]
+    assert interop.write_column([batch]) == 4 and interop.write_column([plain]) == 3
 
 
 def count_compiled_calls(monkeypatch) -> list:
     """A list that grows by one per call of the compiled mlx-lm decode step."""
     calls: list = []
-    compiled = trm.decode_into_kv_cache
-    monkeypatch.setattr(trm, "decode_into_kv_cache", lambda *a: calls.append(1) or compiled(*a))
+    compiled = interop.decode_into_mlx_lm_cache
+    monkeypatch.setattr(interop, "decode_into_mlx_lm_cache",
+                        lambda *a: calls.append(1) or compiled(*a))
     return calls
 
 
 @pytest.mark.parametrize("kind", ["flat", "dense_act", "moeut_act"])
 def test_mlx_lm_decode_runs_the_compiled_step_and_equals_the_eager_one(kind, monkeypatch):
     """generate_step's one-token calls take the compiled decoder on the KVCache buffers
-    (models/decoders.decode_into_kv_cache): ids and logprobs equal the eager path's, through
+    (mlx_trm.interop.decode_into_mlx_lm_cache): ids and logprobs equal the eager path's, through
     several buffer growths (KVCache.step cut to 8), and the slots end as eager ones would."""
     model = tiny_model(kind)
     monkeypatch.setattr(lm_cache.KVCache, "step", 8)
@@ -136,7 +159,7 @@ def test_mlx_lm_decode_runs_the_compiled_step_and_equals_the_eager_one(kind, mon
 
     ids, lps, cache = run()
     assert len(calls) >= 28  # every decode call after the prefill's first token
-    monkeypatch.setattr(trm, "is_plain_kv_cache", lambda c: False)  # the eager path
+    monkeypatch.setattr(interop, "write_column", lambda c: None)  # the eager path
     eager_ids, eager_lps, eager_cache = run()
     assert ids == eager_ids
     assert np.abs(lps[0] - lps[-1]).max() > 1e-3  # the distributions move along the sequence
@@ -160,7 +183,7 @@ def test_batch_generate_compiled_step_equals_the_eager_one(kind, monkeypatch):
 
     fast = run()
     assert calls
-    monkeypatch.setattr(trm, "is_plain_kv_cache", lambda c: False)  # the eager path
+    monkeypatch.setattr(interop, "write_column", lambda c: None)  # the eager path
     eager = run()
     assert fast.token_ids == eager.token_ids
     for a, b in zip(fast.logprobs, eager.logprobs):

@@ -321,7 +321,7 @@ def test_switch_head_with_project_caches():
     BatchKVCache of the compiled decoder (per-row offsets)."""
     from mlx_lm.models.cache import KVCache
 
-    from mlx_trm.models import cache as cache_mod
+    from mlx_trm.generation import cache as cache_mod
     mx.random.seed(12)
     sh = SwitchHead(32, 2, 4, 2, init_scale=1.0)
     h = mx.random.normal((2, 12, 32))
@@ -337,7 +337,7 @@ def test_switch_head_with_project_caches():
     pad = 3
     h_b = mx.concatenate([h[:1], mx.concatenate([mx.zeros((1, pad, 32)), h[1:, :9]], 1)])
     a_b = rms_norm(h_b)
-    positions, (slot,) = cache_mod.make_batch_cache(1, [0, pad], capacity=16)
+    positions, (slot,) = cache_mod.make_cache(1, [0, pad], capacity=16)
     outs = [sh(a_b[:, :8], h_b[:, :8], cache=slot)]
     positions.advance(8)
     for t in range(8, 12):

@@ -26,7 +26,6 @@ from mlx_lm.models.cache import KVCache
 
 from ..config import ModelConfig
 from . import recompute
-from .decoders import decode_into_kv_cache, is_plain_kv_cache
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
 from .loss import (
     chunked_cross_entropy,
@@ -246,30 +245,34 @@ class Model(nn.Module):
             z_H = self.L_level(z_H, z_L, caches, record, ckpt)
         return z_H, z_L
 
-    def readout(self, z_H: mx.array) -> tuple[mx.array, mx.array]:
-        """Logits [B,T,V] from z_H (rms_norm first for flat / MoEUT) and q logits [B,2]."""
-        out = self._final_norm(z_H)
-        return self.embed_tokens.as_linear(out), self.q_head(out[:, 0])
-
-    def _final_norm(self, z_H: mx.array) -> mx.array:
+    def final_norm(self, z_H: mx.array) -> mx.array:
+        """The read-out's input: rms_norm first for flat / MoEUT, z_H as is for dense TRM."""
         args = self.args
         if args.use_moeut or args.flat_transformer:
             return rms_norm(z_H, args.rms_norm_eps)
         return z_H
 
+    def logits(self, z_H: mx.array) -> mx.array:
+        """The read-out: next-token logits [..., V] from z_H (the tied embedding)."""
+        return self.embed_tokens.as_linear(self.final_norm(z_H))
+
+    def readout(self, z_H: mx.array) -> tuple[mx.array, mx.array]:
+        """Logits [B,T,V] and q logits [B,2] (read at the first position) from z_H."""
+        return self.logits(z_H), self.q_head(self.final_norm(z_H[:, :1])[:, 0])
+
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         """Inference: fresh carry, exactly ``halt_max_steps`` ACT steps, last step's logits.
 
-        With a cache from :meth:`make_cache`, ``inputs`` continue at the cache's offset (a prompt
-        chunk, or one token when decoding); each layer application reads and extends its slot.
+        A pure forward over whatever cache it is given: with one (``make_cache()``, or the
+        decoders' fixed-capacity slots) ``inputs`` continue at the cache's offset (a prompt
+        chunk, or one token when decoding) and each layer application reads and extends its
+        slot, in execution order.
         """
         B, T = inputs.shape
         if cache is not None and len(cache) != self.num_cache_slots:
             # A cache made for other recursion settings would silently misalign the slots.
             raise ValueError(f"cache has {len(cache)} slots, this model needs "
                              f"{self.num_cache_slots}; make it with model.make_cache()")
-        if T == 1 and cache is not None and is_plain_kv_cache(cache):
-            return decode_into_kv_cache(self, inputs, cache)  # mlx-lm's decode: compiled
         if T == 1 and cache is not None and not self.args.use_moeut:
             # Decoding one position: dense layers take rows [B, D] throughout, so no matmul
             # reshapes its input and back (4 operations fewer in each of 56 layer applications).
@@ -280,8 +283,7 @@ class Model(nn.Module):
             z_H, z_L = self.refine(z_H, z_L, inputs, caches)
         # Only the last step's logits are computed: with a 10k vocabulary the read-out is the
         # largest matmul of a step (and q_head is not needed at inference).
-        logits = self.embed_tokens.as_linear(self._final_norm(z_H))
-        return logits.reshape(B, T, -1)
+        return self.logits(z_H).reshape(B, T, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +328,7 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     labels = mx.where(row, labels, carry["labels"])
 
     z_H, z_L = model.refine(z_H, z_L, inputs, record=record)
-    hidden = model._final_norm(z_H)
+    hidden = model.final_norm(z_H)
     q_logits = model.q_head(hidden[:, 0])
 
     steps = steps + 1
@@ -350,7 +352,7 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     # "logits" is lazy: MLX computes it only for a caller that reads it. The loss reads
     # "hidden" and the read-out "head" instead and never builds the [B, T, V] logits.
     outputs = {"hidden": hidden, "head": model.embed_tokens,
-               "logits": model.embed_tokens.as_linear(hidden),
+               "logits": model.logits(z_H),
                "q_halt_logits": q_logits[:, 0], "q_continue_logits": q_logits[:, 1]}
     return new_carry, outputs
 

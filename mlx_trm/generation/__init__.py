@@ -1,0 +1,10 @@
+"""Inference: the recursion-aware KV cache and the decoders built on it.
+
+- ``cache.py``: the one slot type (fixed capacity, per-row positions, left padding, adaptive
+  halting's keep-what-you-had) and why a cache is exact for a recursive model;
+- ``decoders.py``: the decoder interface, fixed depth (cached and compiled, or the reference's
+  full re-forward);
+- ``adaptive.py``: per-token adaptive halting;
+- ``speculative.py``: exact speculative recursion (early ACT steps or a small model draft,
+  the full depth verifies).
+"""
