@@ -3,7 +3,7 @@
     mlx_trm.generate --model DIR --prompt "Once upon a time" --max-tokens 200 --temp 0.8 --top-k 40
     mlx_trm.generate --model DIR --prompts-file prompts.txt --output stories.jsonl
 
-The shape is mlx-lm's. The decoders (models/decoders.py) turn prompts into next-token logits
+The shape is mlx-lm's. The decoders (mlx_trm.generation) turn prompts into next-token logits
 through the recursion-aware KV cache; this module samples from them, streams text
 (tokenizer.StreamingDetokenizer) and batches prompts; cli.py holds the shared CLI helpers.
 
@@ -166,8 +166,6 @@ def generate_step(prompt: mx.array | Sequence[int], model: nn.Module, *, max_tok
 
 # ----------------------------------------------------------------------------------------------
 # Text
-
-
 
 
 @dataclass
@@ -338,7 +336,6 @@ def batch_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Seq
     stats.peak_memory = mx.get_peak_memory() / 1e9
     texts = [decode_continuation(tokenizer, p, r) for p, r in zip(encoded, out_tokens)]
     return BatchResult(texts, out_tokens, reasons, stats)
-
 
 
 def decoding_lines(halt_policy: Any = None, speculation: Speculation | None = None) -> list[str]:

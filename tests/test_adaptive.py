@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mlx_trm.adaptive import evaluate_adaptive
-from mlx_trm.generation.adaptive import AdaptiveDecoder, adaptive_forward, halt_policy
 from mlx_trm.config import ConfigError
+from mlx_trm.generation.adaptive import AdaptiveDecoder, adaptive_forward, halt_policy
 from tests.conftest import save_small_model
 from tests.test_generate import run_cli, small_model
 

@@ -8,11 +8,10 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from mlx_trm.checkpoint import load
 from mlx_trm.config import ConfigError, ModelConfig
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
-
 from mlx_trm.generate import (
     batch_generate,
     check_length,
@@ -513,3 +512,31 @@ def test_cli_repetition_penalty_changes_the_story_and_is_checked(model_dir, caps
     with pytest.raises(SystemExit):
         gen.main(base + ["--repetition-penalty", "-1"])
     assert "--repetition-penalty" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# mlx-lm's conventions for model classes
+
+
+@pytest.mark.parametrize("kind", ["dense_act", "moeut_act", "flat"])
+def test_a_float16_model_computes_in_float16(kind):
+    """Logits take the parameters' dtype (as mlx-lm's models), through the cache too, and stay
+    close to the float32 model's."""
+    model = small_model(kind)
+    full32 = full_logits(model, PROMPT)
+    model.set_dtype(mx.float16)
+    assert model(mx.array([PROMPT])).dtype == mx.float16
+    if kind.startswith("moeut") and mx.default_device() == mx.cpu:
+        return  # the CPU's gather_mm (the experts) takes float32 only: nothing to run here
+    decode = CachedDecoder(model, [PROMPT[:3]], 8)
+    assert decode.prefill().dtype == mx.float16 and decode(mx.array([4])).dtype == mx.float16
+    assert np.abs(full_logits(model, PROMPT).astype(np.float32) - full32).max() < 0.05
+
+
+def test_a_model_deep_copies_after_it_decoded():
+    import copy
+
+    model = small_model("dense_act")
+    before = greedy_ids(model, PROMPT, 6)
+    twin = copy.deepcopy(model)  # the compiled decode step is not kept on the model
+    assert greedy_ids(twin, PROMPT, 6) == before

@@ -20,8 +20,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_trm.checkpoint import save
 from mlx_trm.config import ModelConfig
 from mlx_trm.generate import generate, generate_step
-from mlx_trm.mlx_lm_files import MODEL_FILE, UNSUPPORTED_KEY, write_mlx_lm_files
 from mlx_trm.interop import main as interop_main
+from mlx_trm.mlx_lm_files import MODEL_FILE, UNSUPPORTED_KEY, write_mlx_lm_files
 from mlx_trm.models import build_model
 from mlx_trm.sources import load_stories
 from mlx_trm.tokenizer import load_tokenizer

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_trm.config import ModelConfig
 from mlx_trm import interop
+from mlx_trm.config import ModelConfig
 from mlx_trm.interop import Model as InteropModel
 from tests.conftest import model_kinds
 

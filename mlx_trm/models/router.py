@@ -104,7 +104,9 @@ class Router(nn.Module):
         idx = mx.stop_gradient(topk_indices(mx.stop_gradient(scores), self.top_k))
         w = mx.sigmoid(mx.take_along_axis(logits, idx, axis=-1))
         w = w / mx.maximum(w.sum(axis=-1, keepdims=True), 1e-9) * route_scale
-        return logits, idx, w
+        # routing in float32 (its numerics), mixing in the activations' dtype (a float16 model
+        # stays in float16)
+        return logits, idx, w.astype(x.dtype)
 
     def expert_ids(self, idx: mx.array) -> mx.array:
         """Local ids [..., G, k] -> rows ``g * E + e`` of the [G*E] experts and buffers."""
