@@ -131,8 +131,10 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
 
     if max_tokens == 0:
         return
+    # Only the tokens are queued: the log-probabilities (a logsumexp over the vocabulary per
+    # position, which the caller may never read) are computed when read.
     pending = [sample(decode.prefill())]
-    mx.async_eval(pending)
+    mx.async_eval([y for y, _ in pending])
     # A cached step multiplies one row per prompt: on a CPU, BLAS threads only get in its way.
     with blas_threads(1) if use_cache else nullcontext():
         n = 0
@@ -143,7 +145,7 @@ def generate_tokens(prompts: Sequence[Sequence[int]], model: nn.Module, *, max_t
                            for i, h in enumerate(history)]
             if not pending and n + 1 != max_tokens:
                 pending = decode.step(y, sample)
-                mx.async_eval(pending)
+                mx.async_eval([y for y, _ in pending])
             yield y, logprobs
             n += 1
             if n == max_tokens:
