@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for _, kw in runs:  # warm-up: every compiled function traced once
         spec = speculation(model, **kw) if kw else None
         decode(model, prompts[0], 12, spec)
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         plain_ids = None
         for name, kw in runs:
             spec = speculation(model, **kw) if kw else None
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for key in total:
                     total[key] += getattr(spec, key)
                 s["spec"] = total
+        so_far = ", ".join(f"{name} {s['tokens'] / s['seconds']:.1f}" for name, s in stats.items())
+        print(f"prompt {i + 1}/{len(prompts)}: tok/s so far {so_far}", file=sys.stderr, flush=True)
     base = stats["plain"]["tokens"] / stats["plain"]["seconds"]
     records = []
     print(f"model {args.model} ({model.args.kind}, {model.args.halt_max_steps} ACT steps), "
