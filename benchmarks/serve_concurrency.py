@@ -47,12 +47,13 @@ def chat(base: str, prompt: str, max_tokens: int, timeout: float = 600) -> float
     return time.perf_counter() - start
 
 
-def start_server(model: str, port: int, log_path: str,
-                 env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_server(model: str, port: int, log_path: str, env: dict[str, str] | None = None,
+                 extra: list[str] | None = None) -> subprocess.Popen:
+    """``mlx_lm.server --model MODEL --trust-remote-code`` (+ ``extra`` flags) on 127.0.0.1."""
     log = open(log_path, "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlx_lm", "server", "--model", model, "--trust-remote-code",
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--host", "127.0.0.1", "--port", str(port), *(extra or [])],
         stdout=log, stderr=subprocess.STDOUT, env=env or os.environ.copy())
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -209,7 +210,7 @@ def probe(base: str, seq_len: int, max_tokens: int) -> list[tuple[Outcome, bool]
         outcome = send(kind, client, base, PROMPTS[1], max_tokens, seq_len)
         after = complete(client, PROMPTS[0], max_tokens, temperature=0)
         rows.append((outcome, after == normal))
-        print(f"{kind:24s} {outcome.status:3d}  {one_line(outcome.text, 70)!r}; then greedy "
+        print(f"{kind:24s} {outcome.status:3d}  {one_line(outcome.text, 100)!r}; then greedy "
               f"{'same' if after == normal else 'CHANGED: ' + one_line(after, 40)!r}", flush=True)
     print(f"the greedy request ({PROMPTS[0]!r}, max_tokens {max_tokens}): {normal!r}")
     return rows
@@ -271,8 +272,9 @@ def check(outcomes: list[Outcome], texts: dict[tuple[str, int], str]) -> dict[st
 
 
 def load(base: str, pid: int, clients: int, requests: int, max_tokens: int,
-         seq_len: int) -> dict[str, Any]:
-    """The sequential pass, then ``clients`` x ``requests`` at once; the summary."""
+         seq_len: int, rounds: int = 1) -> dict[str, Any]:
+    """The sequential pass, then ``clients`` x ``requests`` at once, ``rounds`` times (the
+    figures are the last round's; the RSS is taken after each); the summary."""
     plan = schedule(clients, requests)
     tic = time.perf_counter()
     texts, first = sequential_texts(base, plan, max_tokens, seq_len)
@@ -283,10 +285,14 @@ def load(base: str, pid: int, clients: int, requests: int, max_tokens: int,
         client = client_for(base)
         return [send(kind, client, base, prompt, max_tokens, seq_len) for kind, prompt in items]
 
-    tic = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        outcomes = [o for result in pool.map(run_client, plan) for o in result]
-    wall = time.perf_counter() - tic
+    rss_rounds, every = [], []
+    for _ in range(rounds):
+        tic = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            outcomes = [o for result in pool.map(run_client, plan) for o in result]
+        wall = time.perf_counter() - tic
+        every += outcomes
+        rss_rounds.append(rss_mb(pid))
     answered = [o.seconds for o in outcomes if o.status == 200]
     after = send("completion", client_for(base), base, PROMPTS[0], max_tokens, seq_len)
     return {
@@ -294,9 +300,9 @@ def load(base: str, pid: int, clients: int, requests: int, max_tokens: int,
         "requests": len(outcomes), "wall_s": wall, "requests_per_s": len(outcomes) / wall,
         "completion_p50_s": percentile(answered, 50), "completion_p95_s": percentile(answered, 95),
         "sequential_requests": len(first), "sequential_s": sequential_s,
-        "sequential_checks": check(first, texts), "checks": check(outcomes + [after], texts),
-        "statuses": sorted({o.status for o in outcomes}),
-        "rss_mb_after_warmup": rss_warm, "rss_mb_end": rss_mb(pid),
+        "sequential_checks": check(first, texts), "checks": check(every + [after], texts),
+        "statuses": sorted({o.status for o in every}), "rounds": rounds,
+        "rss_mb_after_warmup": rss_warm, "rss_mb_rounds": rss_rounds, "rss_mb_end": rss_mb(pid),
     }
 
 
@@ -307,13 +313,15 @@ def print_summary(s: dict[str, Any], model: str) -> bool:
           f"({s['requests']}), max_tokens {s['max_tokens']}, openai client, 127.0.0.1")
     print(f"sequential pass: {s['sequential_requests']} distinct requests in "
           f"{s['sequential_s']:.1f} s")
-    print(f"load: {s['requests']} requests in {s['wall_s']:.1f} s = {s['requests_per_s']:.2f} "
+    print(f"load ({'last of ' + str(s['rounds']) + ' rounds' if s['rounds'] > 1 else 'one round'}"
+          f"): {s['requests']} requests in {s['wall_s']:.1f} s = {s['requests_per_s']:.2f} "
           f"requests/s; completions p50 {s['completion_p50_s']:.2f} s, p95 "
           f"{s['completion_p95_s']:.2f} s; statuses {s['statuses']}")
     for name, (passed, total) in checks.items():
         print(f"  {name:34s} {passed}/{total}{'' if passed == total else '  FAILED'}")
-    print(f"server RSS: {s['rss_mb_after_warmup']:.0f} MB after the sequential pass, "
-          f"{s['rss_mb_end']:.0f} MB at the end")
+    after = ", ".join(f"{r:.0f}" for r in s["rss_mb_rounds"])
+    print(f"server RSS: {s['rss_mb_after_warmup']:.0f} MB after the sequential pass, {after} MB "
+          f"after each load round, {s['rss_mb_end']:.0f} MB at the end")
     return all(p == t for p, t in checks.values())
 
 
@@ -323,19 +331,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=5, help="per client")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the load this many times (RSS after each)")
     parser.add_argument("--probe", action="store_true", help="the bad requests, one at a time")
     parser.add_argument("--log", default="/tmp/serve_load.log", help="the server's output")
+    parser.add_argument("--server-args", default="",
+                        help='more mlx_lm.server flags, e.g. "--prompt-cache-size 2"')
     parser.add_argument("--json", default=None, help="write the load summary here")
     args = parser.parse_args(argv)
     seq_len = json.loads((Path(args.model) / "config.json").read_text())["seq_len"]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(args.model, port, args.log)
+    server = start_server(args.model, port, args.log, extra=shlex.split(args.server_args))
     try:
         if args.probe:
             rows = probe(base, seq_len, args.max_tokens)
             return 0 if all(same for _, same in rows) else 1
-        summary = load(base, server.pid, args.clients, args.requests, args.max_tokens, seq_len)
+        summary = load(base, server.pid, args.clients, args.requests, args.max_tokens, seq_len,
+                       args.rounds)
     finally:
         stop_server(server)
     if args.json:
