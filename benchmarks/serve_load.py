@@ -45,7 +45,7 @@ MODEL = "default_model"  # the server's --model (any other name would make it lo
 @dataclass
 class Outcome:
     kind: str
-    status: int  # HTTP status; 0: the client hung up on purpose
+    status: int  # HTTP status; 0: the client hung up on purpose; -1: the connection dropped
     text: str  # the completion, or the error message
     seconds: float
     greedy: tuple[str, int] | None = None  # (prompt, max_tokens) whose sequential text is due
@@ -130,7 +130,7 @@ def _timed(kind: str, call: Callable[[], str], greedy: tuple[str, int] | None = 
         text, status = call(), 200
     except openai.APIStatusError as e:
         text, status = error_message(e), e.status_code
-    if kind == "hang up":
+    if kind == "hang up" and status == 200:
         status = 0
     return Outcome(kind, status, text, time.perf_counter() - start, greedy)
 
@@ -208,10 +208,12 @@ def probe(base: str, seq_len: int, max_tokens: int) -> list[tuple[Outcome, bool]
     rows = []
     for kind in SENDS:
         outcome = send(kind, client, base, PROMPTS[1], max_tokens, seq_len)
-        after = complete(client, PROMPTS[0], max_tokens, temperature=0)
-        rows.append((outcome, after == normal))
+        after = send("completion", client, base, PROMPTS[0], max_tokens, seq_len)
+        same = after.status == 200 and after.text == normal
+        rows.append((outcome, same))
+        then = "same" if same else f"CHANGED: {after.status} {one_line(after.text, 60)!r}"
         print(f"{kind:24s} {outcome.status:3d}  {one_line(outcome.text, 100)!r}; then greedy "
-              f"{'same' if after == normal else 'CHANGED: ' + one_line(after, 40)!r}", flush=True)
+              f"{then}", flush=True)
     print(f"the greedy request ({PROMPTS[0]!r}, max_tokens {max_tokens}): {normal!r}")
     return rows
 
