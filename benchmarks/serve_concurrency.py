@@ -47,12 +47,14 @@ def chat(base: str, prompt: str, max_tokens: int, timeout: float = 600) -> float
     return time.perf_counter() - start
 
 
-def start_server(model: str, port: int, log_path: str) -> subprocess.Popen:
+def start_server(model: str, port: int, log_path: str, env: dict[str, str] | None = None,
+                 extra: list[str] | None = None) -> subprocess.Popen:
+    """``mlx_lm.server --model MODEL --trust-remote-code`` (+ ``extra`` flags) on 127.0.0.1."""
     log = open(log_path, "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlx_lm", "server", "--model", model, "--trust-remote-code",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+         "--host", "127.0.0.1", "--port", str(port), *(extra or [])],
+        stdout=log, stderr=subprocess.STDOUT, env=env or os.environ.copy())
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -64,6 +66,15 @@ def start_server(model: str, port: int, log_path: str) -> subprocess.Popen:
             time.sleep(0.25)
     server.kill()
     raise SystemExit(f"mlx_lm.server did not start within 120 s; see {log_path}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def concurrent(base: str, prompts: list[str], max_tokens: int) -> list[float]:
@@ -108,11 +119,7 @@ def main() -> None:
               f"{long_time[0]:.2f} s, finishing {time.perf_counter() - short_done:.2f} s after "
               "them")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 These are story models, not instruction-tuned assistants, so "chat" means writing a story
 together: every line you type is appended to the running text and the model continues it until
 end-of-story or ``--max-tokens``; its continuation joins the text too. An empty line lets the model
-go on by itself. When the text outgrows the model's trained length (``seq_len``), the oldest
-tokens are dropped so that text + new tokens fit (a sliding window).
+go on by itself (as the first line: it starts a story from nothing). When the text outgrows the
+model's trained length (``seq_len``), the oldest tokens are dropped so that text + new tokens fit
+(a sliding window).
 
 Commands: /reset (start a new story), /temp T, /max-tokens N, /stats (statistics after each reply
 on/off), /help, /quit. Reads standard input, so it also runs from a pipe or a script.
@@ -34,13 +35,14 @@ from .config import ConfigError, cli_errors
 from .generate import (
     GenerationResponse,
     decoding_lines,
+    encode_prompt,
     make_sampler,
     print_stats,
     stream_generate,
 )
 
 HELP = """\
-Type text and the model continues the story; an empty line lets it go on.
+Type text and the model continues the story; an empty line lets it go on (or begin).
   /reset          start a new story (forget the text so far)
   /temp T         sampling temperature (0 = greedy)
   /max-tokens N   new tokens per reply at most
@@ -87,8 +89,8 @@ class StorySession:
     def reply(self, text: str) -> Iterator[GenerationResponse]:
         """Append ``text`` to the story and stream the model's continuation."""
         self.context += self.tokenizer.encode(text) if text else []
-        if not self.context:
-            raise ConfigError("the story is empty; type some text first")
+        if not self.context:  # an empty first line: a story from nothing (see encode_prompt)
+            self.context = encode_prompt(self.tokenizer, "")
         window = self.model.args.seq_len - self.max_tokens
         if len(self.context) > window:  # slide: keep the most recent tokens
             self.dropped += len(self.context) - window

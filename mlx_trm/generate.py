@@ -7,7 +7,9 @@ The shape is mlx-lm's. The decoders (mlx_trm.generation) turn prompts into next-
 through the recursion-aware KV cache; this module samples from them, streams text
 (tokenizer.StreamingDetokenizer) and batches prompts; cli.py holds the shared CLI helpers.
 
-Prompts are never given a BOS (the reference has none), so an empty prompt cannot be run. Several
+Prompts are never given a BOS (the reference has none); an empty prompt starts a story from
+end-of-story (:func:`encode_prompt`), the context a packed training row shows before every story
+but the first, as GPT-2-style models start a text from their end-of-text token. Several
 prompts run as one batch, left-padded: each row has its own RoPE positions and never attends to
 padding, so every row gets exactly what it would get alone. Positions past the trained ``seq_len``
 work (RoPE has no table) but were never trained: the CLI refuses prompts longer than ``seq_len``
@@ -204,11 +206,12 @@ def check_length(model: nn.Module, prompt_tokens: int, max_tokens: int) -> str |
 
 
 def encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+    """The prompt's ids; an empty prompt is end-of-story alone, a story from nothing. (A model
+    trained on one story per row, ``packing: false``, was never trained on what follows
+    end-of-story nor on a story's first token, so its story from nothing is untrained: give such a
+    model a first word.)"""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-    if not ids:
-        raise ConfigError("the prompt is empty (no tokens); the model adds no BOS, so generation "
-                          "needs at least one prompt token")
-    return ids
+    return ids or [getattr(tokenizer, "eos_id", 0)]
 
 
 def stream_generate(model: nn.Module, tokenizer: Any, prompt: str | Sequence[int],
@@ -388,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="mlx_trm.generate",
         description="Continue a story with a (recursive) TRM model, mlx-lm style.")
     add_model_arguments(parser)
-    parser.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    parser.add_argument("--prompt", default="",
+                        help="text to continue (default: none, a story from nothing)")
     parser.add_argument("--max-tokens", "-m", type=int, default=None,
                         help="new tokens at most (stops earlier at end-of-story; default: what "
                              "the model's seq_len leaves after the prompt)")

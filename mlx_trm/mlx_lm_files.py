@@ -24,7 +24,8 @@ MODEL_FILE_SOURCE = '''\
 """mlx-lm entry point of an mlx-trm model directory (config.json names it as ``model_file``).
 
 ``mlx_lm.generate/chat/server --model DIR --trust-remote-code`` run this file. It only imports the
-architecture from the installed ``mlx_trm`` package; see mlx_trm/interop.py there.
+architecture and the tokenizer class (tokenizer_config.json's ``auto_map``) from the installed
+``mlx_trm`` package; see mlx_trm/interop.py and mlx_trm/story_tokenizer.py there.
 """
 
 import importlib.util
@@ -36,6 +37,7 @@ if importlib.util.find_spec("mlx_trm") is None:
     )
 
 from mlx_trm.interop import Model, ModelArgs  # noqa: E402,F401
+from mlx_trm.story_tokenizer import StoryTokenizer  # noqa: E402,F401
 '''
 
 # The messages' text joined into one story (roles are ignored: these are story models, not
@@ -105,9 +107,12 @@ def hf_tokenizer(tokenizer: SentencePieceTokenizer) -> Any:
 
 
 def hf_tokenizer_config() -> dict[str, Any]:
-    """tokenizer_config.json: no BOS/EOS added, eos = end-of-story, text kept exactly."""
+    """tokenizer_config.json: no BOS/EOS added, eos = end-of-story, text kept exactly; with
+    trusted remote code the class is ``StoryTokenizer`` (an empty text encodes to end-of-story,
+    so an empty prompt starts a story instead of killing mlx-lm's server)."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
+        "auto_map": {"AutoTokenizer": [None, f"{MODEL_FILE[:-3]}.StoryTokenizer"]},
         "eos_token": EOS_PIECE,
         "unk_token": EOS_PIECE,
         "pad_token": EOS_PIECE,

@@ -22,8 +22,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_trm.blas import loaded_blas
+from mlx_trm.cli import load_for_generation
 from mlx_trm.config import ConfigError, cli_errors
-from mlx_trm.generate import batch_generate, load_for_generation, make_sampler
+from mlx_trm.generate import batch_generate, make_sampler
 
 PROMPTS = [
     # classic story openings (in-distribution)

@@ -77,8 +77,10 @@ def test_story_session_slides_and_greedy_replies_continue_the_text(model_dir):
     assert len(session.context) <= 40 and session.dropped > 0
     session.reset()
     assert session.context == [] and session.dropped == 0
-    with pytest.raises(chat.ConfigError, match="empty"):
-        list(session.reply(""))
+    # an empty first line: a story from nothing, end-of-story as its only context
+    first = [r.token for r in session.reply("") if r.finish_reason != "stop"]
+    assert session.context == [tokenizer.eos_id] + first
+    assert first == [t for t, _ in generate_step([0], model, max_tokens=8)][:len(first)]
 
 
 def test_default_max_tokens_fit_the_model(monkeypatch, capsys, model_dir):

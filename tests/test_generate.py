@@ -447,19 +447,41 @@ def test_cli_default_max_tokens_fill_the_trained_length_without_a_warning(model_
     """No --max-tokens: what seq_len (48) leaves after the prompt, so no extrapolation warning;
     an explicit --max-tokens past it keeps the one warning."""
     prompt_tokens = len(load(model_dir)[1].encode("Once upon a time"))
-    captured = run_cli(capsys, ["--model", str(model_dir), "--ignore-eos"])
+    captured = run_cli(capsys, ["--model", str(model_dir), "--ignore-eos",
+                                "--prompt", "Once upon a time"])
     assert f"Generation: {48 - prompt_tokens} tokens, " in captured.out
     assert "warning" not in captured.err
-    captured = run_cli(capsys, ["--model", str(model_dir), "--ignore-eos", "--max-tokens", "50"])
+    captured = run_cli(capsys, ["--model", str(model_dir), "--ignore-eos", "--max-tokens", "50",
+                                "--prompt", "Once upon a time"])
     assert "Generation: 50 tokens, " in captured.out
     assert [line for line in captured.err.splitlines() if "warning" in line] == [
         f"warning: prompt ({prompt_tokens}) + max tokens (50) go past the trained length 48; "
         "later positions are extrapolated"]
 
 
+def test_a_story_from_nothing_starts_from_end_of_story(model_dir, capsys):
+    """No prompt (the CLI without --prompt, the Python API with ""): end-of-story is the whole
+    context, greedy and sampled, and the text is what generate_step gives from [eos]."""
+    model, tok = load(model_dir)
+    assert gen.encode_prompt(tok, "") == gen.encode_prompt(tok, []) == [tok.eos_id] == [0]
+    greedy = [t for t, _ in generate_step([0], model, max_tokens=6)]
+    text = gen.decode_continuation(tok, [0], greedy)
+    assert gen.generate(model, tok, "", max_tokens=6, ignore_eos=True) == text
+    out = run_cli(capsys, ["--model", str(model_dir), "--max-tokens", "6", "--ignore-eos"]).out
+    assert out.splitlines()[1] == text and "Prompt: 1 tokens, " in out
+    sampler = make_sampler(1.0)
+    mx.random.seed(3)
+    sampled = [r.token for r in stream_generate(model, tok, "", 6, sampler=sampler,
+                                                ignore_eos=True)]
+    mx.random.seed(3)
+    assert sampled == [t for t, _ in generate_step([0], model, max_tokens=6, sampler=sampler)]
+    assert sampled != greedy
+    result = batch_generate(model, tok, ["", "Once"], 6, ignore_eos=True)
+    assert result.tokens[0] == greedy
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", "word " * 60], "at most 48"),
-    (["--prompt", ""], "empty"),
     (["--max-tokens", "0"], "--max-tokens"),
     (["--temp", "-1"], "temperature"),
 ])

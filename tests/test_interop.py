@@ -6,10 +6,8 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +30,9 @@ from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer  # noqa: E402
 from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from serve_concurrency import free_port, start_server, stop_server  # noqa: E402
+
 PROMPT = "Once upon a time, there was a little girl named Lily."
 N = 24  # new tokens per comparison
 
@@ -176,12 +177,6 @@ def test_trimmed_cache_is_exact(saved, tok):
 # mlx_lm.server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -193,22 +188,8 @@ def test_mlx_lm_server_answers_with_our_greedy_text(saved, tok, tmp_path):
     path, model = saved["dense_act"]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--trust-remote-code",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
+    server = start_server(str(path), port, str(tmp_path / "server.log"), env=subprocess_env())
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlx_lm.server did not start within 60 s"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.25)
-
         def complete(prompt: str) -> tuple[str, int]:
             reply = post(f"{base}/v1/completions",
                          {"prompt": prompt, "max_tokens": N, "temperature": 0})
@@ -230,13 +211,7 @@ def test_mlx_lm_server_answers_with_our_greedy_text(saved, tok, tmp_path):
                      "temperature": 0})
         assert chat["choices"][0]["message"]["content"] == expected
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        stop_server(server)
 
 
 # ----------------------------------------------------------------------------------------------

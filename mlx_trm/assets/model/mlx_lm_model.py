@@ -1,7 +1,8 @@
 """mlx-lm entry point of an mlx-trm model directory (config.json names it as ``model_file``).
 
 ``mlx_lm.generate/chat/server --model DIR --trust-remote-code`` run this file. It only imports the
-architecture from the installed ``mlx_trm`` package; see mlx_trm/interop.py there.
+architecture and the tokenizer class (tokenizer_config.json's ``auto_map``) from the installed
+``mlx_trm`` package; see mlx_trm/interop.py and mlx_trm/story_tokenizer.py there.
 """
 
 import importlib.util
@@ -13,3 +14,4 @@ if importlib.util.find_spec("mlx_trm") is None:
     )
 
 from mlx_trm.interop import Model, ModelArgs  # noqa: E402,F401
+from mlx_trm.story_tokenizer import StoryTokenizer  # noqa: E402,F401
