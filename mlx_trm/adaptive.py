@@ -33,6 +33,7 @@ import numpy as np
 
 from .config import ConfigError
 from .data import iterate_batches, load_eval_tokens
+from .kernels import kernels_setting
 from .models import act_loss
 from .models.layers import rms_norm
 
@@ -228,9 +229,11 @@ def act_step(model: Any, policy: HaltPolicy, tokens: mx.array, state: dict, acti
 
 
 def _compiled(model: Any, policy: HaltPolicy, name: str, fn: Any) -> Any:
-    """``fn`` compiled once per model and policy (weights as inputs, so updates stay visible)."""
+    """``fn`` compiled once per model, policy and kernels setting (weights as inputs, so
+    updates stay visible; mlx_trm/kernels.py: a trace holds one set of branches)."""
     table = model.__dict__.setdefault("_adaptive_compiled", {})
-    key = (name, policy.criterion, policy.threshold, policy.min_steps, policy.max_steps)
+    key = (name, policy.criterion, policy.threshold, policy.min_steps, policy.max_steps,
+           kernels_setting())
     if key not in table:
         table[key] = mx.compile(fn, inputs=model.state)
     return table[key]

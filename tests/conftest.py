@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from mlx_trm.kernels import ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 TINYSTORIES = ROOT / "mlx_trm" / "assets" / "tinystories"  # data.path=tinystories-sample
 FIXTURES = ROOT / "tests" / "fixtures" / "reference"  # always there
@@ -41,6 +43,7 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    deselect_other_kernels(config, items)
     if os.environ.get("REF_REPO"):
         return
     deselected = [i for i in items if i.get_closest_marker("reference_checkout")]
@@ -51,6 +54,40 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 _DESELECTED = pytest.StashKey[int]()
+
+
+# ----------------------------------------------------------------------------------------------
+# Both sets of kernel branches (mlx_trm/kernels.py)
+
+KERNELS = ["metal", "cpu"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request, monkeypatch) -> str:
+    """The test runs twice: with ``MLX_TRM_KERNELS=metal`` (Apple silicon's branches: mx.exp
+    softmax and SiLU, fused attention for every mask, mx.fast.rms_norm, float16 kept under
+    mlx-lm) and with ``=cpu`` (the Linux CPU's), both on this machine. Compiled functions kept
+    on a model are keyed by the setting, so neither half reuses the other's trace."""
+    monkeypatch.setenv(ENV, request.param)
+    return request.param
+
+
+def deselect_other_kernels(config, items) -> None:
+    """With ``MLX_TRM_KERNELS`` set for the session, the ``kernels`` tests run that half only."""
+    from mlx_trm.config import ConfigError
+    from mlx_trm.kernels import kernels_setting
+
+    try:
+        chosen = kernels_setting()
+    except ConfigError as e:
+        raise pytest.UsageError(str(e)) from None
+    if chosen is None:
+        return
+    other = [i for i in items
+             if getattr(i, "callspec", None) and i.callspec.params.get("kernels", chosen) != chosen]
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = [i for i in items if i not in other]
 
 
 def pytest_report_header(config) -> str | None:

@@ -17,9 +17,9 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_trm.checkpoint import save
+from mlx_trm.checkpoint import load, save
 from mlx_trm.config import ModelConfig
-from mlx_trm.generate import generate, generate_step
+from mlx_trm.generate import DEMO_MODEL, generate, generate_step
 from mlx_trm.interop import MODEL_FILE, UNSUPPORTED_KEY, write_mlx_lm_files
 from mlx_trm.interop import main as interop_main
 from mlx_trm.models import build_model
@@ -143,6 +143,17 @@ def test_mlx_lm_python_api_same_tokens_with_chunked_prefill(saved, tok, kind):
     assert theirs == ours[:stop]
     text = "".join(r.text for r in steps)
     assert text == as_mlx_lm_prints(generate(model, tok, prompt, max_tokens=N))
+
+
+def test_float16_weights_stay_float16_on_apple_silicons_branch(kernels, tok):
+    """mlx-lm loads the shipped float16 demo as float16 on Apple silicon's branch and as float32
+    on the Linux CPU's (Model.sanitize); both give mlx_trm's own (float32) greedy ids."""
+    model, tokenizer = mlx_lm.load(str(DEMO_MODEL), trust_remote_code=True)
+    dtypes = {v.dtype for _, v in tree_flatten(model.parameters())}
+    assert dtypes == ({mx.float16} if kernels == "metal" else {mx.float32})
+    ids = tok.encode(PROMPT)
+    theirs = [r.token for r in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=16)]
+    assert theirs == [t for t, _ in generate_step(ids, load(DEMO_MODEL)[0], max_tokens=16)]
 
 
 def test_load_time_overrides_and_lazy_loading(saved, tok):

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import cache as lm_cache
 
+from ..kernels import kernels_setting
 from .cache import BatchKVCache, CachePositions, grow_batch_cache, make_batch_cache
 
 CACHE_BLOCK = 256  # cache buffers hold prompt + max_tokens rounded up to this; grown by it
@@ -51,13 +52,14 @@ def _decode_step(model: nn.Module) -> Callable:
 
 def compiled_decode_step(model: nn.Module) -> Callable:
     """The model's compiled decode step, made once per model: a new closure per generation
-    would be traced again before its first token (16 ms for trm_1m, 100 ms for MoEUT+ACT)."""
-    step = model.__dict__.get("_compiled_decode_step")
-    if step is None:
+    would be traced again before its first token (16 ms for trm_1m, 100 ms for MoEUT+ACT).
+    One per kernels setting (mlx_trm/kernels.py): a trace holds one set of branches."""
+    steps = model.__dict__.setdefault("_compiled_decode_step", {})
+    key = kernels_setting()
+    if key not in steps:
         # the weights are inputs, not constants: a model updated later (training) stays right
-        step = mx.compile(_decode_step(model), inputs=model.state)
-        object.__setattr__(model, "_compiled_decode_step", step)
-    return step
+        steps[key] = mx.compile(_decode_step(model), inputs=model.state)
+    return steps[key]
 
 
 def _write_column(slot: object) -> int | None:
