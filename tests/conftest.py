@@ -40,6 +40,8 @@ def reference_cases(archs: list[str] = ARCHS) -> list:
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "reference_checkout: needs REF_REPO, a checkout of the "
                             "reference (jhspaybar/TinyRecursiveModels)")
+    config.addinivalue_line("markers", "kernels: runs under both sets of kernel branches (the "
+                            "kernels fixture); scripts/device_check.sh runs these on a GPU")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -73,7 +75,8 @@ def kernels(request, monkeypatch) -> str:
 
 
 def deselect_other_kernels(config, items) -> None:
-    """With ``MLX_TRM_KERNELS`` set for the session, the ``kernels`` tests run that half only."""
+    """Marks the tests that use the ``kernels`` fixture ``kernels`` (``pytest -m kernels``); with
+    ``MLX_TRM_KERNELS`` set for the session, they run that half only."""
     from mlx_trm.config import ConfigError
     from mlx_trm.kernels import kernels_setting
 
@@ -81,13 +84,13 @@ def deselect_other_kernels(config, items) -> None:
         chosen = kernels_setting()
     except ConfigError as e:
         raise pytest.UsageError(str(e)) from None
-    if chosen is None:
-        return
-    other = [i for i in items
-             if getattr(i, "callspec", None) and i.callspec.params.get("kernels", chosen) != chosen]
+    halves = [i for i in items if "kernels" in getattr(i, "fixturenames", ())]
+    for item in halves:
+        item.add_marker(pytest.mark.kernels)
+    other = {id(i) for i in halves if chosen and i.callspec.params["kernels"] != chosen}
     if other:
-        config.hook.pytest_deselected(items=other)
-        items[:] = [i for i in items if i not in other]
+        config.hook.pytest_deselected(items=[i for i in items if id(i) in other])
+        items[:] = [i for i in items if id(i) not in other]
 
 
 def pytest_report_header(config) -> str | None:
