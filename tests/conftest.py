@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_trm.kernels import ENV
+from mlx_trm.config import ConfigError
+from mlx_trm.kernels import ENV, kernels_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 TINYSTORIES = ROOT / "mlx_trm" / "assets" / "tinystories"  # data.path=tinystories-sample
@@ -58,6 +59,13 @@ def pytest_collection_modifyitems(config, items) -> None:
 _DESELECTED = pytest.StashKey[int]()
 
 
+def pytest_report_header(config) -> str | None:
+    if os.environ.get("REF_REPO"):
+        return f"REF_REPO={os.environ['REF_REPO']}: the reference's own scripts are run too"
+    return ("REF_REPO not set: the tests that run the reference's own scripts are deselected "
+            "(set it to a checkout of jhspaybar/TinyRecursiveModels to run them)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Both sets of kernel branches (mlx_trm/kernels.py)
 
@@ -75,11 +83,8 @@ def kernels(request, monkeypatch) -> str:
 
 
 def deselect_other_kernels(config, items) -> None:
-    """Marks the tests that use the ``kernels`` fixture ``kernels`` (``pytest -m kernels``); with
-    ``MLX_TRM_KERNELS`` set for the session, they run that half only."""
-    from mlx_trm.config import ConfigError
-    from mlx_trm.kernels import kernels_setting
-
+    """Marks the tests that use the ``kernels`` fixture (``pytest -m kernels`` selects them); with
+    ``MLX_TRM_KERNELS`` set for the session, only that half of them runs."""
     try:
         chosen = kernels_setting()
     except ConfigError as e:
@@ -91,13 +96,6 @@ def deselect_other_kernels(config, items) -> None:
     if other:
         config.hook.pytest_deselected(items=[i for i in items if id(i) in other])
         items[:] = [i for i in items if id(i) not in other]
-
-
-def pytest_report_header(config) -> str | None:
-    if os.environ.get("REF_REPO"):
-        return f"REF_REPO={os.environ['REF_REPO']}: the reference's own scripts are run too"
-    return ("REF_REPO not set: the tests that run the reference's own scripts are deselected "
-            "(set it to a checkout of jhspaybar/TinyRecursiveModels to run them)")
 
 
 @pytest.fixture
