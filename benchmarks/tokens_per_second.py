@@ -46,6 +46,7 @@ from moe_layers import SHAPES, make_steps  # noqa: E402
 from mlx_trm.blas import loaded_blas, prepare_cpu_backend  # noqa: E402
 from mlx_trm.config import load_config  # noqa: E402
 from mlx_trm.generate import generate_tokens  # noqa: E402
+from mlx_trm.kernels import kernels_setting, metal_kernels  # noqa: E402
 from mlx_trm.memory import fit_memory  # noqa: E402
 from mlx_trm.models import build_model, initial_carry  # noqa: E402
 from mlx_trm.train import make_optimizer, make_step_functions, train_step  # noqa: E402
@@ -90,6 +91,9 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "blas": loaded_blas() if on_cpu else "n/a (gpu)",
+        # the branches the model takes (mlx_trm/kernels.py): the device's, or MLX_TRM_KERNELS's
+        "kernels": f"{'metal' if metal_kernels() else 'cpu'}"
+                   f"{'' if kernels_setting() else ' (by device)'}",
         "python": platform.python_version(),
     }
 
@@ -306,7 +310,7 @@ def environment_line(env: dict[str, Any]) -> str:
     if blas == "reference":
         blas += " (MLX's slow bundled BLAS: matmuls ~30x slow, see benchmarks/README.md)"
     return (f"MLX {env['mlx_version']} | {env['device']} | {env['platform']} {env['machine']}, "
-            f"{env['cpu_count']} cores | BLAS: {blas}")
+            f"{env['cpu_count']} cores | BLAS: {blas} | kernels: {env['kernels']}")
 
 
 def print_table(records: list[dict[str, Any]], env: dict[str, Any], title: str) -> None:

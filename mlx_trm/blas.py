@@ -17,6 +17,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .kernels import kernels_setting
+
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 FIX = (f"sudo apt-get install libopenblas0-pthread && export LD_PRELOAD={OPENBLAS}")
 
@@ -50,7 +52,9 @@ def blas_warning() -> str | None:
 
 def prepare_cpu_backend() -> None:
     """Print :func:`blas_warning` to stderr when it applies, and keep freed large buffers for
-    reuse (:func:`reuse_large_buffers`). The CLIs and benchmarks call this at start."""
+    reuse (:func:`reuse_large_buffers`). The CLIs and benchmarks call this at start, so a bad
+    ``MLX_TRM_KERNELS`` is also refused here, before any work (a ``ConfigError``)."""
+    kernels_setting()
     warning = blas_warning()
     if warning:
         print(warning, file=sys.stderr)

@@ -43,6 +43,7 @@ from mlx_lm.models import cache as lm_cache
 from .checkpoint import load_dir_tokenizer, read_model_config, resolve_model_dir
 from .config import ConfigError, ModelConfig, cli_errors, model_config_from_dict
 from .generation.decoders import WINDOW_BLOCK, compiled_decode_step, round_up
+from .kernels import metal_kernels
 from .mlx_lm_files import UNSUPPORTED_KEY, write_mlx_lm_files
 from .models.trm import Model as TRMModel
 
@@ -67,10 +68,10 @@ class Model(TRMModel):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """On MLX's CPU backend float16 weights (the shipped demo's) are computed in float32,
         as ``mlx_trm.load`` does: the CPU has no BLAS path for float16 matmuls (the demo decoded
-        at 217 tok/s in float16 against 491 in float32 under ``generate_step``) and its
-        ``gather_mm`` (MoE experts) takes float32 only. On the GPU the stored dtype is kept."""
+        at 217 tok/s in float16 against 491 in float32 under ``generate_step``). On the GPU
+        (or with ``MLX_TRM_KERNELS=metal``) the stored dtype is kept."""
         weights = super().sanitize(weights)
-        if mx.default_device() != mx.cpu:
+        if metal_kernels():
             return weights
         return {k: v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v
                 for k, v in weights.items()}

@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import Config
+from .kernels import metal_kernels
 from .models import Model, act_loss, act_step, initial_carry
 from .models.loss import plan_chunk_rows
 from .models.router import RoutingLog
@@ -40,7 +41,7 @@ def device_memory_limit() -> tuple[int, str]:
         info = mx.device_info()
     except Exception:  # older MLX, or no information for this device
         info = {}
-    if mx.default_device().type == mx.gpu and info.get("max_recommended_working_set_size"):
+    if metal_kernels() and info.get("max_recommended_working_set_size"):
         return int(info["max_recommended_working_set_size"]), "the GPU's recommended working set"
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from mlx_trm.config import ConfigError
+from mlx_trm.kernels import ENV, kernels_setting
+
 ROOT = Path(__file__).resolve().parents[1]
 TINYSTORIES = ROOT / "mlx_trm" / "assets" / "tinystories"  # data.path=tinystories-sample
 FIXTURES = ROOT / "tests" / "fixtures" / "reference"  # always there
@@ -38,9 +41,12 @@ def reference_cases(archs: list[str] = ARCHS) -> list:
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "reference_checkout: needs REF_REPO, a checkout of the "
                             "reference (jhspaybar/TinyRecursiveModels)")
+    config.addinivalue_line("markers", "kernels: runs under both sets of kernel branches (the "
+                            "kernels fixture); scripts/device_check.sh runs these on a GPU")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    deselect_other_kernels(config, items)
     if os.environ.get("REF_REPO"):
         return
     deselected = [i for i in items if i.get_closest_marker("reference_checkout")]
@@ -58,6 +64,38 @@ def pytest_report_header(config) -> str | None:
         return f"REF_REPO={os.environ['REF_REPO']}: the reference's own scripts are run too"
     return ("REF_REPO not set: the tests that run the reference's own scripts are deselected "
             "(set it to a checkout of jhspaybar/TinyRecursiveModels to run them)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Both sets of kernel branches (mlx_trm/kernels.py)
+
+KERNELS = ["metal", "cpu"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request, monkeypatch) -> str:
+    """The test runs twice: with ``MLX_TRM_KERNELS=metal`` (Apple silicon's branches: mx.exp
+    softmax and SiLU, fused attention for every mask, mx.fast.rms_norm, float16 kept under
+    mlx-lm) and with ``=cpu`` (the Linux CPU's), both on this machine. Compiled functions kept
+    on a model are keyed by the setting, so neither half reuses the other's trace."""
+    monkeypatch.setenv(ENV, request.param)
+    return request.param
+
+
+def deselect_other_kernels(config, items) -> None:
+    """Marks the tests that use the ``kernels`` fixture (``pytest -m kernels`` selects them); with
+    ``MLX_TRM_KERNELS`` set for the session, only that half of them runs."""
+    try:
+        chosen = kernels_setting()
+    except ConfigError as e:
+        raise pytest.UsageError(str(e)) from None
+    halves = [i for i in items if "kernels" in getattr(i, "fixturenames", ())]
+    for item in halves:
+        item.add_marker(pytest.mark.kernels)
+    other = {id(i) for i in halves if chosen and i.callspec.params["kernels"] != chosen}
+    if other:
+        config.hook.pytest_deselected(items=[i for i in items if id(i) in other])
+        items[:] = [i for i in items if id(i) not in other]
 
 
 @pytest.fixture

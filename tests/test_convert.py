@@ -69,6 +69,7 @@ def routing_flips(model, e) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("folder", CASES)
+@pytest.mark.usefixtures("kernels")  # both sets of branches (conftest.py)
 def test_logits_equal_reference_at_every_act_step(converted, folder):
     """Logits within 1e-4 of the reference's at every ACT step, at every position (via z_H).
 

@@ -77,6 +77,7 @@ def test_cached_logits_equal_full_forward_at_every_position(kind):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.usefixtures("kernels")  # both sets of branches (conftest.py)
 def test_cached_greedy_and_sampled_ids_equal_uncached(kind):
     model = small_model(kind)
     assert greedy_ids(model, PROMPT, 16) == greedy_ids(model, PROMPT, 16, use_cache=False)
@@ -174,6 +175,7 @@ def test_mlx_lm_style_cache_chunked_prefill_decode_and_trim(kind):
 
 @pytest.mark.parametrize("kind", ["dense_act", "moeut_act", "flat"])
 @pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.usefixtures("kernels")  # both sets of branches (conftest.py)
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(kind, use_cache):
     model = small_model(kind, seed=1)
     prompts = [PROMPT, [9], list(range(30, 41))]

@@ -9,7 +9,14 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_trm.config import ConfigError, ModelConfig, load_config
-from mlx_trm.memory import _probe_peak, fit_memory, fitting_accum, probe_rows, step_peak
+from mlx_trm.memory import (
+    _probe_peak,
+    device_memory_limit,
+    fit_memory,
+    fitting_accum,
+    probe_rows,
+    step_peak,
+)
 from mlx_trm.models import act_loss, act_step, build_model, initial_carry
 from mlx_trm.models.loss import (
     cross_entropy,
@@ -147,6 +154,7 @@ def test_chunked_loss_never_holds_the_full_logits():
 
 
 @pytest.mark.parametrize("kind", [{}, {"flat_transformer": True}, {"use_moeut": True}])
+@pytest.mark.usefixtures("kernels")  # both sets of branches (conftest.py)
 def test_checkpointed_activations_give_the_same_loss_and_gradients(kind):
     model = small_model(**kind)
     x = mx.random.randint(1, 97, (2, 9), key=mx.random.key(3))
@@ -182,6 +190,33 @@ def test_fit_memory_turns_on_checkpointing_then_names_the_accumulation(capsys):
     err = capsys.readouterr().err
     assert err.startswith("warning: a training step needs about") and err.count("\n") == 1
     assert "train.grad_accum_steps=" in err
+
+
+def test_the_device_report_decides_the_limit_and_the_checkpointing(kernels, monkeypatch, capsys):
+    """Apple silicon's branch fits the step into the GPU's recommended working set from the
+    device report (faked: this machine has no GPU), the Linux CPU's into the machine's RAM. A
+    working set between the step's peaks with and without recomputation turns it on."""
+    config = load_config(CONFIGS / "trm_tinystories_1m.yaml",
+                         ["model.seq_len=64", "train.global_batch_size=8"])
+    model = small_model(hidden_size=32, expansion=8, L_cycles=3, H_cycles=1)
+    config.train.checkpoint_activations = False
+    off = fit_memory(model, config, warn=False, limit=10**12)
+    config.train.checkpoint_activations = True
+    on = fit_memory(model, config, warn=False, limit=10**12)
+    working_set = int((on["estimated_peak_gb"] + off["estimated_peak_gb"]) / 2 * 1e9)
+    monkeypatch.setattr(mx, "device_info", lambda: {
+        "device_name": "Apple M2", "architecture": "applegpu_g14g",
+        "memory_size": 16 * 2**30, "max_recommended_working_set_size": working_set})
+    limit, source = device_memory_limit()
+    config.train.checkpoint_activations = None
+    auto = fit_memory(model, config, warn=False)
+    if kernels == "metal":
+        assert (limit, source) == (working_set, "the GPU's recommended working set")
+        assert auto["checkpoint_activations"] is True and model.checkpoint_activations
+    else:
+        assert source == "the machine's RAM" and limit > 10 * working_set
+        assert auto["checkpoint_activations"] is False
+    assert auto["limit_gb"] == limit / 1e9 and capsys.readouterr().err == ""
 
 
 def test_fitting_accum_is_the_fewest_micro_batches_that_fit():

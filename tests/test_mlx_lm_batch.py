@@ -52,6 +52,7 @@ def single(model, prompt: list[int], **kwargs) -> tuple[list[int], list[np.ndarr
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.usefixtures("kernels")  # both sets of branches (conftest.py)
 def test_batch_generate_rows_equal_one_prompt_at_a_time(kind):
     model = tiny_model(kind)
     assert all(type(c) is lm_cache.KVCache for c in model.make_cache())
@@ -65,6 +66,7 @@ def test_batch_generate_rows_equal_one_prompt_at_a_time(kind):
         assert np.abs(np.array(row) - np.array([lp[t] for t, lp in zip(ids, lps)])).max() <= 1e-4
 
 
+@pytest.mark.usefixtures("kernels")  # both sets of branches (conftest.py)
 def test_prompt_cache_file_round_trip(tmp_path):
     """mlx_lm.cache_prompt's save_prompt_cache, then load_prompt_cache + the prompt's rest,
     gives the whole prompt's greedy ids and logits."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_trm.config import ModelConfig, load_config
+from mlx_trm.config import ConfigError, ModelConfig, load_config
+from mlx_trm.generate import main as generate_main
+from mlx_trm.kernels import ENV, metal_kernels
 from mlx_trm.models import act_loss, act_step, build_model, initial_carry, layers
 from mlx_trm.models.layers import swiglu_intermediate_size
 from tests.conftest import CONFIGS
@@ -77,7 +80,7 @@ def test_the_model_exp_softmax_silu_and_attention_match_mlx_and_their_gradients(
     """The power-of-two exp (taken on the CPU off macOS) and MLX's own ops agree, forward and
     backward, on both sides of the switch; causal attention in one block or in blocks of 4
     queries (4 + 4 + 1 of 9)."""
-    monkeypatch.setattr(layers, "exp_is_scalar", lambda: scalar_exp)
+    monkeypatch.setenv(ENV, "cpu" if scalar_exp else "metal")
     monkeypatch.setattr(layers, "SMALL", 1)
     monkeypatch.setattr(layers, "QUERY_BLOCK", query_block)
     x = mx.random.normal((4, 33), key=mx.random.key(0)) * 8
@@ -115,11 +118,29 @@ def test_the_model_exp_softmax_silu_and_attention_match_mlx_and_their_gradients(
         rtol=1e-5, atol=1e-6)
 
 
+def test_mlx_trm_kernels_picks_the_branches_and_refuses_other_values(monkeypatch, capsys):
+    monkeypatch.delenv(ENV, raising=False)  # unset: the device decides (the CPU here)
+    on_linux_cpu = mx.default_device() == mx.cpu and sys.platform != "darwin"
+    assert layers.exp_is_scalar() is on_linux_cpu
+    assert metal_kernels() is (mx.default_device() != mx.cpu)
+    for value, metal in (("metal", True), ("cpu", False)):
+        monkeypatch.setenv(ENV, value)
+        assert layers.exp_is_scalar() is not metal and metal_kernels() is metal
+    monkeypatch.setenv(ENV, "gpu")
+    with pytest.raises(ConfigError, match="use MLX_TRM_KERNELS=metal .* MLX_TRM_KERNELS=cpu"):
+        layers.exp_is_scalar()
+    with pytest.raises(SystemExit) as e:  # a CLI says so in one line before any work
+        generate_main(["--prompt", "Once", "--max-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: MLX_TRM_KERNELS='gpu' is not a choice")
+
+
 @pytest.mark.parametrize("scalar_exp", [True, False])
 def test_swiglu_backward_keeps_only_the_sigmoid_and_matches_autodiff(monkeypatch, scalar_exp):
     """The SwiGLU's own backward gives autodiff's gradients and keeps one [.., inter] array per
     application (autodiff keeps four) through a stack of applications sharing the weights."""
-    monkeypatch.setattr(layers, "exp_is_scalar", lambda: scalar_exp)
+    monkeypatch.setenv(ENV, "cpu" if scalar_exp else "metal")
     mlp = layers.SwiGLU(16, 4)  # 256 wide
     x = mx.random.normal((4, 128, 16), key=mx.random.key(0))
 

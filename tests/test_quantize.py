@@ -117,7 +117,10 @@ def test_mlx_lm_loads_the_quantized_directory(model_dirs):
 
     path = str(model_dirs["moeut_q4"])
     ours, tokenizer = mlx_trm.load(path)
-    theirs, _ = mlx_lm_load(path, trust_remote_code=True)
+    # mlx_lm.convert saves the tokenizer as its class, StoryTokenizer: the tokenizer needs the
+    # same trust as the model (mlx-lm's CLIs pass --trust-remote-code to both)
+    theirs, _ = mlx_lm_load(path, tokenizer_config={"trust_remote_code": True},
+                            trust_remote_code=True)
     np.testing.assert_array_equal(logits(theirs, tokenizer), logits(ours, tokenizer))
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 
 import mlx.core as mx
@@ -149,3 +152,23 @@ def test_make_demo_model_ships_float16_weights_that_generate(comparison, tmp_pat
     assert model.embed_tokens.embedding_weight.dtype == mx.float32  # computes in float32
     text = "".join(r.text for r in stream_generate(model, tokenizer, "Once", max_tokens=3))
     assert text
+
+
+def test_device_check_dry_run_writes_one_table_naming_the_device(tmp_path):
+    """scripts/device_check.sh --dry-run: its steps (device, parity tests, every benchmark suite)
+    at tiny sizes on this machine's default device, and the one table it writes."""
+    out = tmp_path / "check.md"
+    env = {k: v for k, v in os.environ.items() if k != "MLX_TRM_KERNELS"}
+    result = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run", "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    text = out.read_text()
+    device = "cpu" if mx.default_device() == mx.cpu else "gpu"
+    assert text.startswith(f"## Device check on {device} (") and "(dry run: tiny sizes)" in text
+    assert re.search(r"Parity tests \(`pytest -m kernels`\): [1-9]\d* passed, \d+ deselected",
+                     text) and "failed" not in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+    shapes = {(r[0].strip("| "), r[3]) for r in rows}
+    assert {("train", "2x16"), ("train", "4x16"), ("generate", "1x(4+3)"),
+            ("moe", "2x16")} <= shapes
+    assert text.count("| suite |") == 1 and f"| {device} (" in text  # one table, its device

@@ -41,6 +41,7 @@ def test_warmup_cosine_schedule_on_one_based_steps():
 
 
 @pytest.mark.parametrize("folder", reference_cases())
+@pytest.mark.usefixtures("kernels")  # both sets of branches (conftest.py)
 def test_first_steps_give_the_reference_losses(folder, tmp_path):
     """From the converted step_0.pt, three steps on the fixture's batches give its losses."""
     pytest.importorskip("torch", reason="converting the fixture needs the torch extra")

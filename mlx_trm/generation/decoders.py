@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels import kernels_setting
 from .cache import CachePositions, KVSlot, make_cache, slots_over
 
 CACHE_BLOCK = 256  # cache buffers hold prompt + max_tokens rounded up to this; grown by it
@@ -59,8 +60,10 @@ def compiled(model: nn.Module, key: Any, make: Callable[[], Callable]) -> Callab
 
     The weights are inputs, not constants, so a model updated later (training) stays right. The
     table lives here, not on the model, so the model stays a plain module (``copy.deepcopy``
-    works); it is dropped when the model is.
+    works); it is dropped when the model is. A trace holds one set of kernel branches, so the
+    ``MLX_TRM_KERNELS`` setting is part of the key (mlx_trm/kernels.py).
     """
+    key = (key, kernels_setting())
     table = _COMPILED.get(id(model))
     if table is None:
         table = _COMPILED[id(model)] = {}

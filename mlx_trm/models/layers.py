@@ -8,12 +8,13 @@ Names of modules and parameters follow the PyTorch reference (``qkv_proj``, ``ga
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
+
+from ..kernels import metal_kernels
 
 # std of a standard normal truncated to [-2, 2]; dividing by it makes the truncated draw have
 # exactly the requested std (the reference's JAX-style trunc_normal_init_).
@@ -37,9 +38,9 @@ def exp_is_scalar() -> bool:
     ``mx.power(2, x * log2(e))`` 161 M/s, the same 1e-6 worst relative error. With a 10k
     vocabulary and 64 x 512 tokens, the read-out's softmax alone is 327M exps a step, and
     attention and SiLU add as many again. On Metal (and Apple's vectorised CPU kernels) exp is
-    the fast op and stays.
+    the fast op and stays. ``MLX_TRM_KERNELS`` picks either on any device (mlx_trm/kernels.py).
     """
-    return mx.default_device() == mx.cpu and sys.platform != "darwin"
+    return not metal_kernels(apple_cpu=True)
 
 
 def exp(x: mx.array) -> mx.array:
@@ -137,9 +138,9 @@ def rms_norm(x: mx.array, eps: float = 1e-5) -> mx.array:
 
     On the GPU ``mx.fast.rms_norm`` computes the same (in float32) as one kernel instead of
     three, which counts at 112 norms per decode step; on the CPU it is no faster than this
-    formula, so the CPU keeps the reference's form (the parity tests run there).
+    formula, so the CPU keeps the reference's form.
     """
-    if mx.default_device() == mx.gpu:
+    if metal_kernels():
         return mx.fast.rms_norm(x, None, eps)
     return x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps)
 
