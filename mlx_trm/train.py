@@ -35,7 +35,7 @@ from mlx.utils import tree_map
 from .blas import prepare_cpu_backend
 from .config import Config, ConfigError, TrainConfig, cli_errors, load_config
 from .data import eval_batches, load_split, stream_batches
-from .evaluate import COLLAPSE_NOTE, COLLAPSED_SPREAD, evaluate_batches, make_eval_fn
+from .evaluation import COLLAPSE_NOTE, COLLAPSED_SPREAD, evaluate_batches, make_eval_fn
 from .memory import fit_memory
 from .models import Model, build_model, initial_carry
 from .progress import TrainProgress

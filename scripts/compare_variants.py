@@ -84,7 +84,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 def measure_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict:
     """Evaluate, time and sample a trained run (plus the test-time sweep for TRMs)."""
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluate import evaluate_model
+    from mlx_trm.evaluation import evaluate_model
     from mlx_trm.generate import stream_generate
 
     train_seconds = train_state(run_dir)["elapsed"]  # training steps only, summed over resumes
@@ -141,7 +141,7 @@ def _flat(model):
 def test_time_sweep(run_dir: Path, trained, args: argparse.Namespace, tokenizer) -> list[dict]:
     """Held-out CE with more or less inference-time recursion than the model was trained with."""
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluate import evaluate_model
+    from mlx_trm.evaluation import evaluate_model
 
     settings = [{"halt_max_steps": n} for n in (1, 2, 4, 8, 16)]
     L = trained.L_cycles

@@ -207,7 +207,7 @@ def test_a_run_learns_and_logs_evaluations(tmp_path):
 
 def test_latent_spread_detects_a_collapsed_model():
     from mlx_trm.config import ModelConfig
-    from mlx_trm.evaluate import evaluate_batches, make_eval_fn
+    from mlx_trm.evaluation import evaluate_batches, make_eval_fn
     from mlx_trm.models import build_model
 
     mx.random.seed(0)
