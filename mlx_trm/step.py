@@ -1,9 +1,9 @@
-"""The optimizer step of ``mlx_trm.train`` and its schedule, as the reference defines them.
+"""The optimizer step of the training loop and its schedule, as the reference defines them.
 
 One ACT step per optimizer step with a persistent carry (rows that halt adopt the next batch's
-rows); loss = (sum of per-row mean token CE + 0.5 q-halt BCE + MoE entropy regulariser) / global
-batch; gradients clipped to norm 1.0; then the MoE expert-bias update, AdamW (torch semantics),
-the selector renorm; linear warmup + cosine decay on the 1-based step.
+rows); loss = ``models.step_loss`` (sum of per-row mean token CE + 0.5 q-halt BCE + MoE entropy
+regulariser) / global batch; gradients clipped to norm 1.0; then the MoE expert-bias update,
+AdamW (torch semantics), the selector renorm; linear warmup + cosine decay on the 1-based step.
 """
 
 from __future__ import annotations
