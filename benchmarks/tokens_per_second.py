@@ -49,7 +49,7 @@ from mlx_trm.generate import generate_tokens  # noqa: E402
 from mlx_trm.kernels import kernels_setting, metal_kernels  # noqa: E402
 from mlx_trm.memory import fit_memory  # noqa: E402
 from mlx_trm.models import build_model, initial_carry  # noqa: E402
-from mlx_trm.train import make_optimizer, make_step_functions, train_step  # noqa: E402
+from mlx_trm.step import make_optimizer, make_step_functions, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ("train", "generate", "moe")

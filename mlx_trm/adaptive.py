@@ -32,9 +32,8 @@ def evaluate_adaptive(model: Any, tokenizer: Any, data: str, policy: HaltPolicy,
     for inputs, labels in iterate_batches(dataset, batch_size, seq_len):
         inputs, labels = mx.array(inputs), mx.array(labels)
         logits, steps = adaptive_forward(model, inputs, policy, compile=compile)
-        zeros = mx.zeros(inputs.shape[:1])  # the CE of act_loss, so threshold 0 is today's
-        _, m = act_loss({"logits": logits, "q_halt_logits": zeros,
-                         "q_continue_logits": zeros}, labels)
+        # the one loss (no q head read here): at threshold 0 this is evaluate_model's CE
+        _, m = act_loss({"logits": logits}, labels)
         counted = (steps * (labels >= 0)).sum()
         sums += np.array(mx.stack([m["token_ce_sum"], m["n_tokens"].astype(mx.float32),
                                    m["correct"].astype(mx.float32),

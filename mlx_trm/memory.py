@@ -25,9 +25,8 @@ import mlx.nn as nn
 
 from .config import Config
 from .kernels import metal_kernels
-from .models import Model, act_loss, act_step, initial_carry
+from .models import Model, initial_carry, step_loss
 from .models.loss import plan_chunk_rows
-from .models.router import RoutingLog
 
 GB = 1e9
 # The probes run uncompiled; a compiled step's peak has come out up to ~25% above the estimate
@@ -54,14 +53,10 @@ def _probe_peak(model: Model, rows: int, seq_len: int, chunk_rows: int) -> int:
     """Peak bytes of one uncompiled forward + backward of an ACT step on ``rows`` rows."""
     carry = initial_carry(model, rows, seq_len)
     tokens = mx.ones((rows, seq_len), dtype=mx.int32)
-    moe = model.args.use_moeut
 
-    def loss_fn(carry):
-        record = RoutingLog() if moe else None
-        carry, outputs = act_step(model, carry, tokens, tokens, training=True, record=record,
-                                  key=mx.random.key(0))
-        total, _ = act_loss(outputs, carry["labels"], chunk_rows, training=True)
-        return total + record.entropy_reg() if moe else total
+    def loss_fn(carry):  # the training step's loss, uncompiled
+        return step_loss(model, carry, tokens, tokens, training=True, key=mx.random.key(0),
+                         chunk_rows=chunk_rows)[1]
 
     mx.eval(carry)
     mx.synchronize()

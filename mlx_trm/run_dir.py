@@ -1,5 +1,9 @@
 """A training run's directory (``out_dir``): its lock, its checkpoint and its metrics.
 
+:class:`RunDir` is the one object ``mlx_trm.train`` holds for it: it takes the lock, decides
+and checks a resume (repairing what an interrupted save left), restores and writes checkpoints
+and appends the metrics. On disk:
+
 - ``train.lock``: who is training here (pid, host). One live run per directory; the lock is an
   ``flock`` on the file, which the kernel drops when its process dies, so a lock left behind by
   a crash is recognised as stale and taken over.
@@ -9,6 +13,8 @@
 - ``metrics.jsonl``: one JSON object per log line and evaluation. A resumed run first drops the
   records past its checkpoint (the steps it is about to redo), then notes the resume.
 - ``config.yaml``: the settings the run was started with; a resumed run leaves it alone.
+
+Data parallel: every rank checks and restores; only the leader (rank 0) locks and writes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -322,3 +329,98 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record.get("step"))
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+class RunDir:
+    """``config.out_dir`` for the length of a run (``with RunDir(config) as run_dir``).
+
+    In order: :meth:`check_resume` before any model work (recovers an interrupted save,
+    refuses to overwrite a run or to continue one with other settings), :meth:`restore` once
+    the model and optimizer exist, :meth:`start` when there is something to train, then
+    :meth:`log` and :meth:`save` from the loop. ``warn`` says what was repaired or dropped.
+    """
+
+    def __init__(self, config: Config, *, leader: bool = True,
+                 warn: Callable[[str], None] | None = None):
+        self.config, self.leader = config, leader
+        self.path = Path(config.out_dir)
+        self.model_dir = self.path / MODEL_SUBDIR
+        self.warn = warn or (lambda message: None)
+        self.lock = RunLock(self.path) if leader else None
+        self.changed: dict[str, tuple[Any, Any]] = {}  # settings a resume changed (and may)
+        self.saved_step: int | None = None  # the step the checkpoint on disk holds
+        self.metrics = MetricsLog(None)
+
+    def __enter__(self) -> RunDir:
+        if self.lock is not None:
+            self.lock.__enter__()
+            if self.lock.stale:
+                self.warn(f"{self.lock.path} was left by pid {self.lock.stale.get('pid')}, "
+                          "which is gone (it crashed or was killed): taken over")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.lock is not None:
+            self.lock.__exit__(*exc)
+
+    @property
+    def resuming(self) -> bool:
+        return self.config.train.resume and (self.model_dir / TRAIN_STATE).exists()
+
+    def check_resume(self) -> None:
+        """Resume or start: recover an interrupted save, refuse to overwrite a run, refuse
+        other settings (those of evaluation and logging may change: :attr:`changed`)."""
+        if self.leader:
+            for note in recover_checkpoint(self.model_dir):
+                self.warn(f"{self.path}: {note}")
+        if not (self.model_dir / TRAIN_STATE).exists():
+            if self.config.train.resume:
+                self.warn(f"train.resume=true but {self.model_dir} holds no checkpoint: "
+                          "starting a new run")
+            return
+        if not self.config.train.resume:
+            raise ConfigError(f"{self.path} already holds a run; continue it with "
+                              "train.resume=true or choose another out_dir")
+        self.changed = check_same_training(self.path, self.config)
+
+    def restore(self, model: Any, optimizer: optim.Optimizer) -> tuple[dict | None, dict | None]:
+        """(state, carry) of the checkpoint, its weights and optimizer state loaded into
+        ``model`` and ``optimizer``; (None, None) for a new run."""
+        if not self.resuming:
+            return None, None
+        state, carry = load_train_state(self.model_dir, model, optimizer)
+        self.saved_step = state["step"]
+        return state, carry
+
+    def start(self, step: int, sequences: int, mirror: Any = None) -> None:
+        """Open the metrics (mirrored to ``mirror``, a wandb run, if given). The leader writes
+        config.yaml for a new run and trims metrics.jsonl to the checkpoint (noting the resume
+        and the settings it changed), so no step is logged twice."""
+        if not self.leader:
+            return
+        self.metrics = MetricsLog(self.path / METRICS_FILE, mirror)
+        write_config_yaml(self.path, self.config, resuming=step > 0)
+        if dropped := trim_metrics(self.path / METRICS_FILE, step):
+            self.warn(f"{self.path}: dropped {dropped} metrics records past step {step} (the "
+                      "interrupted run's; they are logged again)")
+        if step > 0:
+            self.log({"step": step, "sequences": sequences, "resumed": True,
+                      "changed": {k: list(v) for k, v in self.changed.items()}})
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(record)
+
+    def save(self, model: Any, tokenizer: Any, optimizer: optim.Optimizer, carry: dict,
+             state: dict) -> None:
+        if self.leader:
+            save_checkpoint(self.path, model, tokenizer, optimizer, carry, state, self.config)
+        self.saved_step = state["step"]
+
+    def kept(self) -> str:
+        """What the run directory holds now, for a message about a run that stopped."""
+        if self.saved_step is None:
+            return "no checkpoint had been written yet"
+        return f"{self.model_dir} holds the step-{self.saved_step} checkpoint, untouched"

@@ -1,9 +1,9 @@
-"""The optimizer step of ``mlx_trm.train`` and its schedule, as the reference defines them.
+"""The optimizer step of the training loop and its schedule, as the reference defines them.
 
 One ACT step per optimizer step with a persistent carry (rows that halt adopt the next batch's
-rows); loss = (sum of per-row mean token CE + 0.5 q-halt BCE + MoE entropy regulariser) / global
-batch; gradients clipped to norm 1.0; then the MoE expert-bias update, AdamW (torch semantics),
-the selector renorm; linear warmup + cosine decay on the 1-based step.
+rows); loss = ``models.step_loss`` (sum of per-row mean token CE + 0.5 q-halt BCE + MoE entropy
+regulariser) / global batch; gradients clipped to norm 1.0; then the MoE expert-bias update,
+AdamW (torch semantics), the selector renorm; linear warmup + cosine decay on the 1-based step.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .config import TrainConfig
-from .models import Model, act_loss, act_step
-from .models.router import RoutingLog, routers
+from .models import Model, step_loss
+from .models.router import routers
 
 
 def total_steps(tc: TrainConfig) -> int:
@@ -56,25 +56,17 @@ def make_step_functions(model: Model, optimizer: optim.Optimizer, tc: TrainConfi
     optimizer state captured; ACT exploration draws from the ``key`` argument.
     ``halt_max_steps`` overrides the model's (1 for the ACT warm-up).
     """
-    moe = model.args.use_moeut
     moe_routers = routers(model)
     scale = 1.0 / tc.global_batch_size
     distributed = world is not None and world.size() > 1
 
     def loss_fn(carry, inputs, labels, key, step_rows):
-        record = RoutingLog() if moe else None
-        carry, outputs = act_step(model, carry, inputs, labels, training=True, record=record,
-                                  key=key, halt_max_steps=halt_max_steps)
-        total, metrics = act_loss(outputs, carry["labels"], training=True)
-        counts = []
-        if moe:
-            # The regulariser is a mean over the step's rows: a micro-batch (or a rank) adds
-            # its share, so the step's sum is the reference's full-batch value.
-            reg = record.entropy_reg() * (inputs.shape[0] / step_rows)
-            total = total + reg
-            metrics["moe_reg"] = reg
-            counts = record.counts(moe_routers)
-        metrics["total"] = total
+        # the MoE regulariser is a mean over the step's rows: a micro-batch (or a rank) adds
+        # its share, so the step's sum is the reference's full-batch value
+        carry, total, metrics = step_loss(model, carry, inputs, labels, training=True, key=key,
+                                          halt_max_steps=halt_max_steps,
+                                          reg_share=inputs.shape[0] / step_rows)
+        counts = metrics.pop("expert_counts", [])
         return total * scale, (carry, metrics, counts)
 
     value_and_grad = nn.value_and_grad(model, loss_fn)

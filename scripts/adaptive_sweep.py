@@ -60,7 +60,7 @@ def decode_speed(model, ids: list[int], n: int, repeats: int, policy=None) -> di
 def sweep(args: argparse.Namespace) -> dict:
     from mlx_trm.adaptive import evaluate_adaptive
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluate import evaluate_model
+    from mlx_trm.evaluation import evaluate_model
     from mlx_trm.generation.adaptive import halt_policy
 
     out_json = args.out / args.json

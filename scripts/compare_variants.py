@@ -46,7 +46,8 @@ def unigram_cross_entropy(data: str, tokenizer) -> float:
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     """Train (or resume) one variant with the shared budget, then measure it."""
     from mlx_trm.config import ConfigError, load_config
-    from mlx_trm.train import check_same_training, train
+    from mlx_trm.run_dir import check_same_training
+    from mlx_trm.train import run
 
     run_dir = args.runs / name
     overrides = [
@@ -62,11 +63,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     if config.model.halt_max_steps > 1:  # the warm-up only changes how ACT variants train
         config.train.act_warmup_percent = args.act_warmup
         config.validate()
-    try:  # train() refuses it too; here the fix is another --runs
+    try:  # run() refuses it too; here the fix is another --runs
         check_same_training(run_dir, config)
     except ConfigError as e:
         sys.exit(f"error: {e} (here: pass another --runs directory or remove that run)")
-    train(config)  # a finished run is only reloaded
+    run(config)  # a finished run is only reloaded
     # A finished run measured with these settings before (a comparison of many hours resumed
     # in a later session) keeps its row: the sweep is the slow part of a variant's evaluation.
     settings = {"data": relative_path(args.data), "step": train_state(run_dir)["step"],
@@ -84,7 +85,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 def measure_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict:
     """Evaluate, time and sample a trained run (plus the test-time sweep for TRMs)."""
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluate import evaluate_model
+    from mlx_trm.evaluation import evaluate_model
     from mlx_trm.generate import stream_generate
 
     train_seconds = train_state(run_dir)["elapsed"]  # training steps only, summed over resumes
@@ -117,7 +118,7 @@ def measure_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict:
 
 def train_state(run_dir: Path) -> dict:
     """The run's last checkpoint state: step, elapsed training seconds, ..."""
-    from mlx_trm.train import MODEL_SUBDIR, TRAIN_STATE
+    from mlx_trm.run_dir import MODEL_SUBDIR, TRAIN_STATE
 
     return json.loads((run_dir / MODEL_SUBDIR / TRAIN_STATE / "state.json").read_text())
 
@@ -141,7 +142,7 @@ def _flat(model):
 def test_time_sweep(run_dir: Path, trained, args: argparse.Namespace, tokenizer) -> list[dict]:
     """Held-out CE with more or less inference-time recursion than the model was trained with."""
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluate import evaluate_model
+    from mlx_trm.evaluation import evaluate_model
 
     settings = [{"halt_max_steps": n} for n in (1, 2, 4, 8, 16)]
     L = trained.L_cycles

@@ -67,7 +67,7 @@ def test_threshold_zero_is_todays_fixed_depth_exactly(criterion):
 @pytest.mark.parametrize("criterion", ["kl", "latent"])
 def test_threshold_zero_evaluation_is_todays_cross_entropy(criterion, tmp_path):
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluate import evaluate_model
+    from mlx_trm.evaluation import evaluate_model
 
     model, tok = load(save_small_model(tmp_path / "m", seq_len=32))
     stories = tmp_path / "stories.txt"

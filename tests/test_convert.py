@@ -256,7 +256,7 @@ def test_mlx_trained_model_survives_torch_and_back(arch, tmp_path, fixtures_dir)
 def trained_run(tmp_path_factory):
     """A 3-step run on the shipped sample with settings the reference must carry over."""
     from mlx_trm.config import load_config
-    from mlx_trm.train import train
+    from mlx_trm.train import run
     from tests.conftest import CONFIGS
 
     tmp = tmp_path_factory.mktemp("run")
@@ -266,7 +266,7 @@ def trained_run(tmp_path_factory):
         "model.rms_norm_eps=1e-6", "train.global_batch_size=2", "train.max_steps=3",
         "train.eval_interval_sequences=null", "train.checkpoint_interval_sequences=null",
         f"out_dir={tmp}/run"])
-    return train(config, quiet=True)
+    return run(config, quiet=True)
 
 
 def test_mlx_model_metadata_is_what_the_reference_reads(trained_run, tmp_path):

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+import mlx_trm.loop as loop
 import mlx_trm.run_dir as run_dir
 import mlx_trm.train as train_module
 from mlx_trm.checkpoint import load, save
 from mlx_trm.config import ConfigError
 from mlx_trm.run_dir import RunLock, checkpoint_step, recover_checkpoint
-from mlx_trm.train import train
+from mlx_trm.train import run
 from tests.conftest import CONFIGS, ROOT, save_small_model
 from tests.test_train import cli_overrides, losses, read_metrics, small_run_config
 
@@ -43,19 +44,19 @@ def all_finite(tree) -> bool:
 def test_a_non_finite_update_stops_before_anything_is_written(tmp_path, monkeypatch):
     """Step 3's update makes the weights NaN while its loss (computed before) is finite: the
     run stops, step 3 is neither logged nor saved, and the message names the kept step."""
-    real = train_module.learning_rate
-    monkeypatch.setattr(train_module, "learning_rate",
+    real = loop.learning_rate
+    monkeypatch.setattr(loop, "learning_rate",
                         lambda step, tc, n: float("nan") if step == 3 else real(step, tc, n))
     config = quick(tmp_path, "nan", "train.checkpoint_interval_sequences=4")
     with pytest.raises(FloatingPointError, match=r"weights non-finite at step 3.*step-2 "
                                                  r"checkpoint"):
-        train(config, quiet=True)
-    run = tmp_path / "nan"
-    assert checkpoint_step(run / "model") == 2
-    model, _ = load(run)  # load() refuses non-finite weights: this one is clean
-    optimizer_state = mx.load(str(run / "model/train_state/optimizer.safetensors"))
+        run(config, quiet=True)
+    out = tmp_path / "nan"
+    assert checkpoint_step(out / "model") == 2
+    model, _ = load(out)  # load() refuses non-finite weights: this one is clean
+    optimizer_state = mx.load(str(out / "model/train_state/optimizer.safetensors"))
     assert all_finite(model.parameters()) and all_finite(optimizer_state)
-    assert sorted(losses(run)) == [1, 2] and not (run / "train.lock").exists()
+    assert sorted(losses(out)) == [1, 2] and not (out / "train.lock").exists()
 
 
 def test_a_nan_loss_stops_and_the_cli_says_so_in_one_line(tmp_path):
@@ -140,14 +141,14 @@ class FileFaults:
 
 def test_a_kill_at_any_file_operation_of_a_save_resumes_exactly(tmp_path):
     full = quick(tmp_path, "full")
-    train(full, quiet=True)
+    run(full, quiet=True)
     expected = losses(tmp_path / "full")
     template = tmp_path / "template"
-    train(quick(tmp_path, "template"), quiet=True, max_steps=2)  # checkpoint at step 2
+    run(quick(tmp_path, "template"), quiet=True, max_steps=2)  # checkpoint at step 2
     shutil.copytree(template, tmp_path / "count")
     with pytest.MonkeyPatch.context() as mp:  # how many operations the save at step 4 has
         counter = FileFaults(mp, kill_at=None)
-        train(quick(tmp_path, "count", "train.resume=true"), quiet=True)
+        run(quick(tmp_path, "count", "train.resume=true"), quiet=True)
     n_ops = counter.count
     assert n_ops >= 10
     for kill_at in range(1, n_ops + 1):
@@ -156,19 +157,19 @@ def test_a_kill_at_any_file_operation_of_a_save_resumes_exactly(tmp_path):
         with pytest.MonkeyPatch.context() as mp:  # the save at step 4 dies
             FileFaults(mp, kill_at=kill_at)
             with pytest.raises(Killed):
-                train(quick(tmp_path, name, "train.resume=true"), quiet=True)
+                run(quick(tmp_path, name, "train.resume=true"), quiet=True)
         assert checkpoint_step(tmp_path / name / "model") in (2, 4, None), kill_at
-        train(quick(tmp_path, name, "train.resume=true"), quiet=True)
-        run = tmp_path / name
-        steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+        run(quick(tmp_path, name, "train.resume=true"), quiet=True)
+        out = tmp_path / name
+        steps = [r["step"] for r in read_metrics(out) if "loss" in r]
         assert steps == [1, 2, 3, 4, 5, 6], (kill_at, steps)  # each step logged once
-        got = losses(run)
+        got = losses(out)
         assert all(got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-6) for s in got), kill_at
-        assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "model"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "model"]
 
 
 def test_recovery_takes_the_newest_complete_copy(tmp_path):
-    train(quick(tmp_path, "run"), quiet=True, max_steps=2)
+    run(quick(tmp_path, "run"), quiet=True, max_steps=2)
     model_dir = tmp_path / "run/model"
     newer = tmp_path / "run/.model.tmp-abc"
     shutil.copytree(model_dir, newer)
@@ -204,7 +205,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match=rf"in use by another training run \(pid "
                                               rf"{holder.pid} on"):
-            train(quick(tmp_path, "busy"), quiet=True)
+            run(quick(tmp_path, "busy"), quiet=True)
     finally:
         holder.kill()
         holder.wait()
@@ -213,7 +214,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first(tmp_path):
     with RunLock(tmp_path / "busy") as lock:
         assert lock.stale["pid"] == holder.pid
     assert not (tmp_path / "busy/train.lock").exists()
-    train(quick(tmp_path, "busy"), quiet=True, max_steps=1)
+    run(quick(tmp_path, "busy"), quiet=True, max_steps=1)
     assert not (tmp_path / "busy/train.lock").exists()
 
 
@@ -221,7 +222,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first(tmp_path):
 
 
 def test_damaged_checkpoint_files_are_one_line_errors(tmp_path):
-    train(quick(tmp_path, "run"), quiet=True, max_steps=2)
+    run(quick(tmp_path, "run"), quiet=True, max_steps=2)
     resume = quick(tmp_path, "run", "train.resume=true")
     ts = tmp_path / "run/model/train_state"
     good = {p: p.read_bytes() for p in (ts / "state.json", ts / "optimizer.safetensors",
@@ -233,18 +234,18 @@ def test_damaged_checkpoint_files_are_one_line_errors(tmp_path):
     for path, data, message in damage:
         path.write_bytes(data if data is not None else good[path][: len(good[path]) // 2])
         with pytest.raises(ConfigError, match=message) as e:
-            train(resume, quiet=True)
+            run(resume, quiet=True)
         assert "\n" not in str(e.value)
         if path.name == "model.safetensors":
             with pytest.raises(ConfigError, match="truncated"):
                 load(tmp_path / "run")
         path.write_bytes(good[path])
-    train(resume, quiet=True, max_steps=3)  # repaired: resumes
+    run(resume, quiet=True, max_steps=3)  # repaired: resumes
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_was_needed(tmp_path,
                                                                            monkeypatch):
-    train(quick(tmp_path, "full"), quiet=True, max_steps=2)
+    run(quick(tmp_path, "full"), quiet=True, max_steps=2)
     before = (tmp_path / "full/model/model.safetensors").read_bytes()
     real = mx.save_safetensors
 
@@ -256,27 +257,27 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_was_needed(tmp_
     monkeypatch.setattr(mx, "save_safetensors", no_space)
     with pytest.raises(ConfigError, match=r"could not write the step-4 checkpoint.*Unable to "
                                           r"write.*needs about [0-9.]+ MB.*step-2 checkpoint"):
-        train(quick(tmp_path, "full", "train.resume=true"), quiet=True)
+        run(quick(tmp_path, "full", "train.resume=true"), quiet=True)
     assert (tmp_path / "full/model/model.safetensors").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == [
         "config.yaml", "metrics.jsonl", "model"]
     monkeypatch.setattr(mx, "save_safetensors", real)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))
     with pytest.raises(ConfigError, match=r"not enough free space.*0\.0 MB are free"):
-        train(quick(tmp_path, "full", "train.resume=true"), quiet=True)
+        run(quick(tmp_path, "full", "train.resume=true"), quiet=True)
 
 
 # ------------------------------------------------------------------ resume settings and records
 
 
 def test_resume_compares_data_settings_and_keeps_config_yaml(tmp_path):
-    train(quick(tmp_path, "run"), quiet=True, max_steps=2)
+    run(quick(tmp_path, "run"), quiet=True, max_steps=2)
     written = (tmp_path / "run/config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"data\.max_stories: 48 vs 40"):
-        train(quick(tmp_path, "run", "train.resume=true", "data.max_stories=40"), quiet=True)
+        run(quick(tmp_path, "run", "train.resume=true", "data.max_stories=40"), quiet=True)
     with pytest.raises(ConfigError, match=r"data\.packing"):
-        train(quick(tmp_path, "run", "train.resume=true", "data.packing=true"), quiet=True)
-    train(quick(tmp_path, "run", "train.resume=true", "train.log_interval=2",
+        run(quick(tmp_path, "run", "train.resume=true", "data.packing=true"), quiet=True)
+    run(quick(tmp_path, "run", "train.resume=true", "train.log_interval=2",
                 f"data.cache_dir={tmp_path}/cache2"), quiet=True, max_steps=4)
     assert (tmp_path / "run/config.yaml").read_text() == written
     resumed = [r for r in read_metrics(tmp_path / "run") if r.get("resumed")]
@@ -312,16 +313,16 @@ def test_ctrl_c_before_the_first_step(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train_module.StopSignals, "defer", defer_then_ctrl_c)
     with pytest.raises(SystemExit) as e:  # a new run: nothing to save
-        train(quick(tmp_path, "early"), quiet=False)
+        run(quick(tmp_path, "early"), quiet=False)
     assert e.value.code == 130 and not (tmp_path / "early/model").exists()
     assert "SIGINT before the first step: nothing to save" in capsys.readouterr().err
     monkeypatch.undo()
-    train(quick(tmp_path, "early2"), quiet=True, max_steps=2)
+    run(quick(tmp_path, "early2"), quiet=True, max_steps=2)
     weights = tmp_path / "early2/model/model.safetensors"
     mtime = weights.stat().st_mtime_ns
     monkeypatch.setattr(train_module.StopSignals, "defer", defer_then_ctrl_c)
     with pytest.raises(SystemExit) as e:  # a resumed run: its checkpoint stays as it was
-        train(quick(tmp_path, "early2", "train.resume=true"), quiet=True)
+        run(quick(tmp_path, "early2", "train.resume=true"), quiet=True)
     assert e.value.code == 130 and weights.stat().st_mtime_ns == mtime
     # during the set-up (data, model): one line from the CLI
     monkeypatch.setattr(train_module, "setup_run", lambda *a, **k: os.kill(os.getpid(),

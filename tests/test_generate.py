@@ -8,6 +8,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from mlx_trm.checkpoint import load
@@ -557,10 +558,21 @@ def test_a_float16_model_computes_in_float16(kind):
     assert np.abs(full_logits(model, PROMPT).astype(np.float32) - full32).max() < 0.05
 
 
-def test_a_model_deep_copies_after_it_decoded():
+def test_a_model_deep_copies_after_it_decoded_and_is_freed_when_dropped():
     import copy
+    import gc
+    import weakref
 
     model = small_model("dense_act")
     before = greedy_ids(model, PROMPT, 6)
-    twin = copy.deepcopy(model)  # the compiled decode step is not kept on the model
+    twin = copy.deepcopy(model)  # the copy starts without the original's compiled functions
+    twin.update(tree_map(lambda p: p * 0, twin.parameters()))
+    assert greedy_ids(model, PROMPT, 6) == before  # the original still reads its own weights
+    twin = copy.deepcopy(model)
     assert greedy_ids(twin, PROMPT, 6) == before
+    # a compiled function holds the weights it reads: kept anywhere but on the model, it would
+    # keep every model that ever decoded alive (a comparison trains and samples several)
+    alive = weakref.ref(model)
+    del model, twin
+    gc.collect()
+    assert alive() is None

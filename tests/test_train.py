@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from mlx_trm.config import ConfigError, TrainConfig, load_config
-from mlx_trm.train import learning_rate, make_optimizer, make_step_functions, train, train_step
+from mlx_trm.step import learning_rate, make_optimizer, make_step_functions, train_step
+from mlx_trm.train import run
 from tests.conftest import CONFIGS, ROOT, reference_cases
 
 
@@ -111,13 +112,13 @@ def losses(run_dir) -> dict[int, float]:
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     full = small_run_config(tmp_path, "full")
-    train(full, quiet=True)
+    run(full, quiet=True)
     interrupted = small_run_config(tmp_path, "resumed")
-    train(interrupted, quiet=True, max_steps=3)  # stops after step 3, checkpoint saved
+    run(interrupted, quiet=True, max_steps=3)  # stops after step 3, checkpoint saved
     state = json.loads((tmp_path / "resumed/model/train_state/state.json").read_text())
     assert state["step"] == 3
     resumed = small_run_config(tmp_path, "resumed", "train.resume=true")
-    train(resumed, quiet=True)
+    run(resumed, quiet=True)
     a, b = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
@@ -126,20 +127,20 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     metrics = tmp_path / "resumed/metrics.jsonl"
     weights = tmp_path / "resumed/model/model.safetensors"
     before = metrics.read_bytes(), weights.stat().st_mtime_ns
-    train(resumed, quiet=True)
+    run(resumed, quiet=True)
     assert (metrics.read_bytes(), weights.stat().st_mtime_ns) == before
 
 
 def test_resume_refuses_other_training_settings(tmp_path):
-    train(small_run_config(tmp_path, "run"), quiet=True, max_steps=2)
+    run(small_run_config(tmp_path, "run"), quiet=True, max_steps=2)
     with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 vs 0\.005.*own settings"):
-        train(small_run_config(tmp_path, "run", "train.resume=true", "train.lr=0.005"),
+        run(small_run_config(tmp_path, "run", "train.resume=true", "train.lr=0.005"),
               quiet=True)
     with pytest.raises(ConfigError, match=r"model\.L_cycles"):
-        train(small_run_config(tmp_path, "run", "train.resume=true", "model.L_cycles=3"),
+        run(small_run_config(tmp_path, "run", "train.resume=true", "model.L_cycles=3"),
               quiet=True)
     # evaluation, logging and checkpoint intervals do not change the weights: free to change
-    train(small_run_config(tmp_path, "run", "train.resume=true", "train.eval_batches=2",
+    run(small_run_config(tmp_path, "run", "train.resume=true", "train.eval_batches=2",
                            "train.log_interval=3"), quiet=True, max_steps=3)
     assert json.loads((tmp_path / "run/model/train_state/state.json").read_text())["step"] == 3
 
@@ -149,7 +150,7 @@ def test_logged_peak_memory_is_the_runs_own(tmp_path):
     big = mx.zeros((50_000_000,))  # 200 MB
     mx.eval(big)
     del big
-    train(small_run_config(tmp_path, "peak"), quiet=True, max_steps=2)
+    run(small_run_config(tmp_path, "peak"), quiet=True, max_steps=2)
     peaks = [r["peak_memory_gb"] for r in read_metrics(tmp_path / "peak") if "loss" in r]
     assert peaks and 0 < max(peaks) < 0.1
 
@@ -157,11 +158,11 @@ def test_logged_peak_memory_is_the_runs_own(tmp_path):
 def test_act_warmup_runs_one_act_step_per_batch_then_the_carry(tmp_path):
     """train.act_warmup_percent=0.5 of 6 steps: steps 1-3 adopt a new batch every step."""
     from mlx_trm.models import initial_carry
-    from mlx_trm.train import make_step_functions as make
+    from mlx_trm.step import make_step_functions as make
 
     def carry_after(name, steps, *extra):
         config = small_run_config(tmp_path, name, *extra)
-        train(config, quiet=True, max_steps=steps)
+        run(config, quiet=True, max_steps=steps)
         return mx.load(str(tmp_path / name / "model/train_state/carry.safetensors"))
 
     # halt_max_steps=2: without warm-up, the batch adopted at step 3 still has a step to go
@@ -171,10 +172,10 @@ def test_act_warmup_runs_one_act_step_per_batch_then_the_carry(tmp_path):
     after = carry_after("warm_after", 4, "train.act_warmup_percent=0.5")
     assert after["halted"].tolist() == [False] * 4 and after["steps"].tolist() == [1] * 4
     # resuming inside the warm-up gives the uninterrupted run's losses
-    train(small_run_config(tmp_path, "warm_full", "train.act_warmup_percent=0.5"), quiet=True)
+    run(small_run_config(tmp_path, "warm_full", "train.act_warmup_percent=0.5"), quiet=True)
     resumed = small_run_config(tmp_path, "warm", "train.act_warmup_percent=0.5",
                                "train.resume=true")
-    train(resumed, quiet=True)
+    run(resumed, quiet=True)
     a, b = losses(tmp_path / "warm_full"), losses(tmp_path / "warm")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
@@ -193,7 +194,7 @@ def test_act_warmup_runs_one_act_step_per_batch_then_the_carry(tmp_path):
 
 def test_a_run_learns_and_logs_evaluations(tmp_path):
     config = small_run_config(tmp_path, "learn", "train.max_steps=12", "train.lr=0.02")
-    model_dir = train(config, quiet=True)
+    model_dir = run(config, quiet=True)
     records = read_metrics(tmp_path / "learn")
     evals = [r for r in records if r.get("split") == "validation"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
@@ -208,7 +209,7 @@ def test_a_run_learns_and_logs_evaluations(tmp_path):
 
 def test_latent_spread_detects_a_collapsed_model():
     from mlx_trm.config import ModelConfig
-    from mlx_trm.evaluate import evaluate_batches, make_eval_fn
+    from mlx_trm.evaluation import evaluate_batches, make_eval_fn
     from mlx_trm.models import build_model
 
     mx.random.seed(0)
@@ -225,9 +226,9 @@ def test_latent_spread_detects_a_collapsed_model():
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
-    train(small_run_config(tmp_path, "once", "train.max_steps=1"), quiet=True)
+    run(small_run_config(tmp_path, "once", "train.max_steps=1"), quiet=True)
     with pytest.raises(ConfigError, match="already holds a run"):
-        train(small_run_config(tmp_path, "once", "train.max_steps=1"), quiet=True)
+        run(small_run_config(tmp_path, "once", "train.max_steps=1"), quiet=True)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):
@@ -235,7 +236,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):
                               "train.checkpoint_interval_sequences=4", "train.grad_clip_norm=1e30",
                               "train.eval_interval_sequences=null", "train.lr_warmup_percent=0")
     with pytest.raises(FloatingPointError, match=r"holds the step-\d+ checkpoint") as e:
-        train(config, quiet=True)
+        run(config, quiet=True)
     state = json.loads((tmp_path / "nan/model/train_state/state.json").read_text())
     assert f"step-{state['step']} checkpoint" in str(e.value)
     from mlx_trm.checkpoint import load
@@ -252,7 +253,7 @@ def test_impossible_values_are_rejected_before_any_work(tmp_path):
         small_run_config(tmp_path, "bad", "train.grad_accum_steps=3")
     config = small_run_config(tmp_path, "bad", "data.path=/nonexistent/stories")
     with pytest.raises(ConfigError, match="/nonexistent/stories"):
-        train(config, quiet=True)
+        run(config, quiet=True)
     assert not (tmp_path / "bad").exists()
 
 
@@ -261,8 +262,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
                            "train.eval_interval_sequences=null")
     two = small_run_config(tmp_path, "accum2", "train.max_steps=3", "train.grad_accum_steps=2",
                            "train.eval_interval_sequences=null")
-    train(one, quiet=True)
-    train(two, quiet=True)
+    run(one, quiet=True)
+    run(two, quiet=True)
     a, b = losses(tmp_path / "accum1"), losses(tmp_path / "accum2")
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step

@@ -18,7 +18,6 @@ gets the same compiled step through mlx_trm.interop.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -51,7 +50,15 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[mx.array, list[int]]:
 # ----------------------------------------------------------------------------------------------
 # Compiled functions, one per model and purpose
 
-_COMPILED: dict[int, dict[Any, Callable]] = {}
+class CompiledTable(dict):
+    """The compiled functions kept on a model. A copy of the model starts with none: a compiled
+    function cannot be copied, and the original's would read the original's weights."""
+
+    def __deepcopy__(self, memo: dict) -> CompiledTable:
+        return CompiledTable()
+
+    def __reduce__(self) -> tuple:
+        return CompiledTable, ()
 
 
 def compiled(model: nn.Module, key: Any, make: Callable[[], Callable]) -> Callable:
@@ -59,15 +66,16 @@ def compiled(model: nn.Module, key: Any, make: Callable[[], Callable]) -> Callab
     traced again before its first token (16 ms for trm_1m, 100 ms for MoEUT + ACT).
 
     The weights are inputs, not constants, so a model updated later (training) stays right. The
-    table lives here, not on the model, so the model stays a plain module (``copy.deepcopy``
-    works); it is dropped when the model is. A trace holds one set of kernel branches, so the
-    ``MLX_TRM_KERNELS`` setting is part of the key (mlx_trm/kernels.py).
+    table lives on the model (outside its parameters), so it goes when the model does: a table
+    elsewhere would keep every model it compiled for alive, since a compiled function holds its
+    inputs. A trace holds one set of kernel branches, so the ``MLX_TRM_KERNELS`` setting is part
+    of the key (mlx_trm/kernels.py).
     """
     key = (key, kernels_setting())
-    table = _COMPILED.get(id(model))
+    table = model.__dict__.get("_compiled")
     if table is None:
-        table = _COMPILED[id(model)] = {}
-        weakref.finalize(model, _COMPILED.pop, id(model), None)
+        table = CompiledTable()
+        object.__setattr__(model, "_compiled", table)  # an attribute, not a child module
     if key not in table:
         table[key] = mx.compile(make(), inputs=model.state)
     return table[key]

@@ -1,7 +1,7 @@
 """Models: the recursive core (flat | dense TRM | MoEUT), its layers and the KV cache."""
 
 from ..config import ModelConfig
-from .trm import Model, act_loss, act_step, initial_carry
+from .trm import Model, act_loss, act_step, initial_carry, step_loss
 
 
 def build_model(config: ModelConfig) -> Model:
@@ -10,4 +10,5 @@ def build_model(config: ModelConfig) -> Model:
     return Model(config)
 
 
-__all__ = ["Model", "ModelConfig", "act_loss", "act_step", "build_model", "initial_carry"]
+__all__ = ["Model", "ModelConfig", "act_loss", "act_step", "build_model", "initial_carry",
+           "step_loss"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .layers import exp
+from .layers import TiedEmbedding, exp
 
 # Rows per chunk. Each chunk's logits are [CHUNK_ROWS, V]: 1024 x 10k float32 is 41 MB, a
 # matmul still large enough to run at full speed on Metal. On the CPU, the compiled training
@@ -192,3 +192,36 @@ def chunked_cross_entropy(hidden: mx.array, head: Any, labels: mx.array,
         ce.append(lse - mx.take_along_axis(logits, y[lo:hi, None], axis=-1)[..., 0])
         argmax.append(mx.argmax(logits, axis=-1))
     return mx.concatenate(ce).reshape(labels.shape), mx.concatenate(argmax).reshape(labels.shape)
+
+
+def token_cross_entropy(outputs: dict[str, Any], labels: mx.array, row_weight: mx.array,
+                        chunk_rows: int | None = None, training: bool = False
+                        ) -> tuple[mx.array, mx.array, mx.array]:
+    """(sum(row_weight * ce), per-token cross-entropy, arg-max prediction) of an ACT step.
+
+    From ``hidden`` and ``head`` (what ``act_step`` returns) in chunks of ``chunk_rows``
+    rows (default: ``plan_chunk_rows``), so large [B, T, V] logits never exist; from the whole
+    logits when one chunk holds every row, or when only ``logits`` are given. ``training``
+    computes a chunked read-out's gradient in the forward pass
+    (:func:`weighted_linear_cross_entropy`): differentiate the weighted sum, not the per-token ce.
+    """
+    if "hidden" in outputs:
+        hidden, head = outputs["hidden"].astype(mx.float32), outputs["head"]
+        weight = getattr(head, "embedding_weight", None)
+        plain_weight = (isinstance(head, TiedEmbedding) and isinstance(weight, mx.array)
+                        and mx.issubdtype(weight.dtype, mx.floating))
+        vocab = weight.shape[0] if plain_weight else head.as_linear(hidden[:1, :1]).shape[-1]
+        rows = labels.size
+        chunk = chunk_rows or plan_chunk_rows(rows, vocab, training)
+        if chunk < rows and plain_weight and training:
+            return weighted_linear_cross_entropy(hidden, weight, labels, row_weight, chunk)
+        if chunk < rows and plain_weight:
+            ce, predicted = linear_cross_entropy(hidden, weight, labels, chunk)
+        elif chunk < rows:  # another read-out (e.g. a quantized embedding): no weight gradient
+            ce, predicted = chunked_cross_entropy(hidden, head, labels, chunk)
+        else:
+            outputs = {"logits": head.as_linear(hidden)}
+    if "logits" in outputs:
+        logits = outputs["logits"].astype(mx.float32)
+        ce, predicted = cross_entropy(logits, labels), mx.argmax(logits, axis=-1)
+    return (ce * row_weight).sum(), ce, predicted

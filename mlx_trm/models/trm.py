@@ -27,15 +27,9 @@ from mlx_lm.models.cache import KVCache
 from ..config import ModelConfig
 from . import recompute
 from .layers import Attention, SwiGLU, TiedEmbedding, rms_norm, trunc_normal
-from .loss import (
-    chunked_cross_entropy,
-    cross_entropy,
-    linear_cross_entropy,
-    plan_chunk_rows,
-    weighted_linear_cross_entropy,
-)
+from .loss import token_cross_entropy
 from .moe import SigmaMoE, SwitchHead, from_reference_names
-from .router import Router, RoutingLog
+from .router import Router, RoutingLog, routers
 
 IGNORE_LABEL = -100
 
@@ -357,45 +351,13 @@ def act_step(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels:
     return new_carry, outputs
 
 
-def token_cross_entropy(outputs: dict[str, Any], labels: mx.array, row_weight: mx.array,
-                        chunk_rows: int | None = None, training: bool = False
-                        ) -> tuple[mx.array, mx.array, mx.array]:
-    """(sum(row_weight * ce), per-token cross-entropy, arg-max prediction) of an ACT step.
-
-    From ``hidden`` and ``head`` (what :func:`act_step` returns) in chunks of ``chunk_rows``
-    rows (default: ``plan_chunk_rows``), so large [B, T, V] logits never exist; from the whole
-    logits when one chunk holds every row, or when only ``logits`` are given. ``training``
-    computes a chunked read-out's gradient in the forward pass
-    (:func:`weighted_linear_cross_entropy`): differentiate the weighted sum, not the per-token ce.
-    """
-    if "hidden" in outputs:
-        hidden, head = outputs["hidden"].astype(mx.float32), outputs["head"]
-        weight = getattr(head, "embedding_weight", None)
-        plain_weight = (isinstance(head, TiedEmbedding) and isinstance(weight, mx.array)
-                        and mx.issubdtype(weight.dtype, mx.floating))
-        vocab = weight.shape[0] if plain_weight else head.as_linear(hidden[:1, :1]).shape[-1]
-        rows = labels.size
-        chunk = chunk_rows or plan_chunk_rows(rows, vocab, training)
-        if chunk < rows and plain_weight and training:
-            return weighted_linear_cross_entropy(hidden, weight, labels, row_weight, chunk)
-        if chunk < rows and plain_weight:
-            ce, predicted = linear_cross_entropy(hidden, weight, labels, chunk)
-        elif chunk < rows:  # another read-out (e.g. a quantized embedding): no weight gradient
-            ce, predicted = chunked_cross_entropy(hidden, head, labels, chunk)
-        else:
-            outputs = {"logits": head.as_linear(hidden)}
-    if "logits" in outputs:
-        logits = outputs["logits"].astype(mx.float32)
-        ce, predicted = cross_entropy(logits, labels), mx.argmax(logits, axis=-1)
-    return (ce * row_weight).sum(), ce, predicted
-
-
 def act_loss(outputs: dict[str, Any], labels: mx.array, chunk_rows: int | None = None,
              training: bool = False) -> tuple[mx.array, dict]:
     """The reference ACTLossHead, before division by the global batch size.
 
     lm = sum over rows of each row's mean token cross-entropy; q_halt is trained toward
-    "every label token of the row is predicted exactly"; total = lm + 0.5 * q_halt.
+    "every label token of the row is predicted exactly"; total = lm + 0.5 * q_halt (lm alone
+    for outputs without ``q_halt_logits``, as adaptive evaluation's).
     ``training`` builds the read-out's gradient in the forward pass (one exp per logit instead
     of two): then only ``total`` may be differentiated, as the training step does.
     """
@@ -407,15 +369,40 @@ def act_loss(outputs: dict[str, Any], labels: mx.array, chunk_rows: int | None =
     ce = ce * mask
     correct = mask & (predicted == labels)
     exact = correct.sum(axis=-1) == n_tokens
-    q_halt_loss = nn.losses.binary_cross_entropy(
-        outputs["q_halt_logits"], exact.astype(mx.float32), with_logits=True, reduction="sum")
-    total = lm_loss + 0.5 * q_halt_loss
-    metrics = {
-        "lm_loss": lm_loss,
-        "q_halt_loss": q_halt_loss,
+    metrics = {"lm_loss": lm_loss}
+    total = lm_loss
+    if "q_halt_logits" in outputs:  # an ACT step's; a forward without a q head has none
+        metrics["q_halt_loss"] = nn.losses.binary_cross_entropy(
+            outputs["q_halt_logits"], exact.astype(mx.float32), with_logits=True,
+            reduction="sum")
+        total = lm_loss + 0.5 * metrics["q_halt_loss"]
+    metrics.update({
         "token_ce_sum": ce.sum(),
         "n_tokens": n_tokens.sum(),
         "correct": correct.sum(),
         "exact": exact.sum(),
-    }
+    })
     return total, metrics
+
+
+def step_loss(model: Model, carry: dict[str, mx.array], inputs: mx.array, labels: mx.array, *,
+              training: bool = False, key: mx.array | None = None,
+              halt_max_steps: int | None = None, chunk_rows: int | None = None,
+              reg_share: float = 1.0) -> tuple[dict[str, mx.array], mx.array, dict]:
+    """The loss of one ACT step: what training differentiates, the memory probe measures and
+    evaluation sums. Returns (the new carry, total, metrics, ``metrics["total"]`` included).
+
+    In training an MoE model adds its routers' entropy regulariser, ``reg_share`` of it (a
+    micro-batch's or a rank's share of the step's rows), and reports the expert counts for the
+    bias update (``metrics["expert_counts"]``).
+    """
+    record = RoutingLog() if training and model.args.use_moeut else None
+    carry, outputs = act_step(model, carry, inputs, labels, training=training, record=record,
+                              key=key, halt_max_steps=halt_max_steps)
+    total, metrics = act_loss(outputs, carry["labels"], chunk_rows, training)
+    if record is not None:
+        metrics["moe_reg"] = record.entropy_reg() * reg_share
+        metrics["expert_counts"] = record.counts(routers(model))
+        total = total + metrics["moe_reg"]
+    metrics["total"] = total
+    return carry, total, metrics
