@@ -9,10 +9,13 @@ reference fixtures (vocabulary 10000, seq_len 512) are used as well when a folde
 Tests marked ``reference_checkout`` run the reference's own scripts and need a checkout of it:
 ``REF_REPO=/path/to/TinyRecursiveModels python -m pytest``. Without REF_REPO they are
 deselected (named in the session header), not skipped: they are opt-in, like the reference.
+With REF_REPO but without the reference's own dependencies in this Python (``pip install -e
+".[reference]"``), they are skipped with one line naming the missing modules.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -45,9 +48,28 @@ def pytest_configure(config) -> None:
                             "kernels fixture); scripts/device_check.sh runs these on a GPU")
 
 
+# What the reference's own modules import beyond our dependencies (the `reference` extra)
+REFERENCE_MODULES = ["torch", "pydantic", "einops"]
+
+
+def missing_reference_modules() -> list[str]:
+    """The reference's dependencies this Python lacks; none to check when REF_PYTHON names
+    another interpreter to run it."""
+    if os.environ.get("REF_PYTHON"):
+        return []
+    return [m for m in REFERENCE_MODULES if importlib.util.find_spec(m) is None]
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     deselect_other_kernels(config, items)
     if os.environ.get("REF_REPO"):
+        missing = missing_reference_modules()
+        if missing:
+            skip = pytest.mark.skip(reason=f"the reference needs {', '.join(missing)}: "
+                                    'pip install -e ".[reference]" (or set REF_PYTHON)')
+            for item in items:
+                if item.get_closest_marker("reference_checkout"):
+                    item.add_marker(skip)
         return
     deselected = [i for i in items if i.get_closest_marker("reference_checkout")]
     if deselected:
