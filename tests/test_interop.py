@@ -16,14 +16,14 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_trm.checkpoint import load, save
-from mlx_trm.cli import DEMO_MODEL
+from mlx_trm.checkpoint.mlx_lm_files import MODEL_FILE, UNSUPPORTED_KEY, write_mlx_lm_files
+from mlx_trm.cli.interop import main as interop_main
+from mlx_trm.cli.loading import DEMO_MODEL
 from mlx_trm.config import ModelConfig
-from mlx_trm.generate import generate, generate_step
-from mlx_trm.interop import main as interop_main
-from mlx_trm.mlx_lm_files import MODEL_FILE, UNSUPPORTED_KEY, write_mlx_lm_files
+from mlx_trm.data.sources import load_stories
+from mlx_trm.data.tokenizer import load_tokenizer
+from mlx_trm.generation.generate import generate, generate_step
 from mlx_trm.models import build_model
-from mlx_trm.sources import load_stories
-from mlx_trm.tokenizer import load_tokenizer
 
 mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache  # noqa: E402
