@@ -21,6 +21,7 @@ import mlx_trm.training.loop as loop
 import mlx_trm.training.run as train_module
 import mlx_trm.training.run_dir as run_dir
 from mlx_trm.checkpoint import load, save
+from mlx_trm.cli import train as train_cli
 from mlx_trm.config import ConfigError
 from mlx_trm.training.run import run
 from mlx_trm.training.run_dir import RunLock, checkpoint_step, recover_checkpoint
@@ -83,7 +84,7 @@ def test_evaluate_and_generate_refuse_non_finite_weights(cli, tmp_path, tinystor
         load(tmp_path / "bad")
     args = {"evaluate": ["--data", str(tinystories_dir), "--max-stories", "2"],
             "generate": ["--prompt", "Once", "--max-tokens", "3"]}[cli]
-    result = subprocess.run([sys.executable, "-m", f"mlx_trm.{cli}", "--model",
+    result = subprocess.run([sys.executable, "-m", f"mlx_trm.cli.{cli}", "--model",
                              str(tmp_path / "bad"), *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
@@ -328,7 +329,7 @@ def test_ctrl_c_before_the_first_step(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_module, "setup_run", lambda *a, **k: os.kill(os.getpid(),
                                                                             signal.SIGTERM))
     with pytest.raises(SystemExit) as e:
-        train_module.main(["--config", str(CONFIGS / "trm_tinystories_1m.yaml"),
-                           f"out_dir={tmp_path}/setup"])
+        train_cli.main(["--config", str(CONFIGS / "trm_tinystories_1m.yaml"),
+                        f"out_dir={tmp_path}/setup"])
     assert e.value.code == 143 and "interrupted before the first step" in capsys.readouterr().err
     assert not (tmp_path / "early2/train.lock").exists()

@@ -119,30 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     add_speculative_arguments(parser)
     args = parser.parse_args(argv)
     # mlx, mlx-lm and the model only now: --help answers at once
-    import mlx.core as mx
-
-    from ..blas import prepare_cpu_backend
     from ..generation.session import StorySession
-    from .loading import (
-        load_for_generation,
-        logits_processors_from_args,
-        policy_from_args,
-        speculation_from_args,
-    )
+    from .loading import load_for_decoding
 
-    prepare_cpu_backend()
-    model, tokenizer = load_for_generation(args)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+    model, tokenizer, decoding, processors = load_for_decoding(args)
     max_tokens = args.max_tokens
     if max_tokens is None:  # 200, unless that leaves the story so far too little room
         max_tokens = max(1, min(200, model.args.seq_len // 2))
     session = StorySession(model, tokenizer, max_tokens=max_tokens, temp=args.temp,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                           compile=not args.no_compile,
-                           halt_policy=policy_from_args(model, args),
-                           speculation=speculation_from_args(model, tokenizer, args),
-                           logits_processors=logits_processors_from_args(args))
+                           compile=not args.no_compile, logits_processors=processors,
+                           **decoding)
     session.stats = args.stats
     repl(session, sys.stdin, sys.stdout)
 

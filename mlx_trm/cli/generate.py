@@ -27,10 +27,9 @@ from .arguments import (
 
 
 def _batch_main(args: argparse.Namespace, model: Any, tokenizer: Any, sampler: Any,
-                decoding: dict) -> None:
+                decoding: dict, processors: list[Any]) -> None:
     from ..generation.generate import batch_generate, check_length, encode_prompt, fit_max_tokens
     from ..generation.stats import decoding_lines, print_stats
-    from .loading import logits_processors_from_args
 
     prompts = read_prompts(args.prompts_file)
     longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
@@ -41,7 +40,7 @@ def _batch_main(args: argparse.Namespace, model: Any, tokenizer: Any, sampler: A
     result = batch_generate(model, tokenizer, prompts, args.max_tokens, batch_size=args.batch_size,
                             ignore_eos=args.ignore_eos, sampler=sampler,
                             use_cache=not args.no_cache, compile=not args.no_compile,
-                            logits_processors=logits_processors_from_args(args), **decoding)
+                            logits_processors=processors, **decoding)
     settings = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
                 "min_p": args.min_p, "seed": args.seed,
                 "repetition_penalty": args.repetition_penalty,
@@ -96,26 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_tokens is not None and (args.max_tokens == 0 or args.max_tokens < -1):
         raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
     # mlx, mlx-lm and the model only now: --help and bad arguments answer at once
-    import mlx.core as mx
-
-    from ..blas import loaded_blas, prepare_cpu_backend
+    from ..blas import loaded_blas
     from ..generation.generate import check_length, encode_prompt, fit_max_tokens, stream_generate
     from ..generation.sampling import make_sampler
     from ..generation.stats import decoding_lines, print_stats
-    from .loading import (
-        load_for_generation,
-        logits_processors_from_args,
-        policy_from_args,
-        speculation_from_args,
-    )
+    from .loading import load_for_decoding
 
-    prepare_cpu_backend()
-    model, tokenizer = load_for_generation(args)
-    decoding = dict(halt_policy=policy_from_args(model, args),
-                    speculation=speculation_from_args(model, tokenizer, args))
+    model, tokenizer, decoding, processors = load_for_decoding(args)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
     if args.verbose:
         a = model.args
         print(f"model: {a.name} ({a.kind}), halt_max_steps={a.halt_max_steps}, "
@@ -123,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
               f"cache slots: {model.num_cache_slots if not args.no_cache else 'off'}, "
               f"compiled: {not args.no_cache and not args.no_compile}, BLAS: {loaded_blas()}")
     if args.prompts_file:
-        return _batch_main(args, model, tokenizer, sampler, decoding)
+        return _batch_main(args, model, tokenizer, sampler, decoding, processors)
 
     ids = encode_prompt(tokenizer, args.prompt)
     args.max_tokens = fit_max_tokens(model, len(ids), args.max_tokens)
@@ -136,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     for response in stream_generate(model, tokenizer, ids, args.max_tokens, sampler=sampler,
                                     ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
                                     compile=not args.no_compile, **decoding,
-                                    logits_processors=logits_processors_from_args(args)):
+                                    logits_processors=processors):
         print(response.text, end="", flush=True)
     print()
     if response is not None:

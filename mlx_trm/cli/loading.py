@@ -8,9 +8,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors
 
+from ..blas import prepare_cpu_backend
 from ..checkpoint import load
 from ..config import ConfigError
 from ..data.tokenizer import load_tokenizer
@@ -28,6 +30,20 @@ def resolve_model_path(path: str | None) -> Path:
         return DEMO_MODEL
     raise ConfigError("no --model given and no packaged demo model is installed; pass --model DIR "
                       "(a directory written by mlx_trm.train, mlx_trm.save or mlx_trm.convert)")
+
+
+def load_for_decoding(args: argparse.Namespace) -> tuple[nn.Module, Any, dict, list[Any]]:
+    """``generate`` and ``chat``: the model and tokenizer, the decoding options the flags ask for
+    (``halt_policy``, ``speculation``) and mlx-lm's logits processors, on a prepared CPU backend
+    and with the sampling seed set."""
+    prepare_cpu_backend()
+    model, tokenizer = load_for_generation(args)
+    decoding = dict(halt_policy=policy_from_args(model, args),
+                    speculation=speculation_from_args(model, tokenizer, args))
+    processors = logits_processors_from_args(args)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    return model, tokenizer, decoding, processors
 
 
 def load_for_generation(args: argparse.Namespace) -> tuple[nn.Module, Any]:

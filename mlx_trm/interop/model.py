@@ -7,14 +7,15 @@ mlx-lm (0.32) builds a custom architecture when ``config.json`` names a ``model_
 user passes ``--trust-remote-code``: it imports ``Model`` and ``ModelArgs`` from that file, calls
 ``ModelArgs.from_dict(config)``, ``Model(args)``, loads ``model*.safetensors`` and builds the cache
 with ``model.make_cache()``. The tokenizer comes from transformers' ``AutoTokenizer``. So a
-directory needs, next to our own files (:func:`write_mlx_lm_files`):
+directory needs, next to our own files (written with it: ``mlx_trm.checkpoint.mlx_lm_files``):
 
-- ``mlx_lm_model.py``: two imports from this module; the code stays in the installed package;
+- ``mlx_lm_model.py``: two imports from ``mlx_trm.interop``; the code stays in the installed
+  package;
 - ``config.json`` + ``model_file`` and ``eos_token_id`` (0, ``<|endoftext|>``);
 - ``tokenizer.json`` + ``tokenizer_config.json``: our SentencePiece BPE rebuilt with the
-  ``tokenizers`` library (same ids, same text; see :func:`hf_tokenizer`).
+  ``tokenizers`` library (same ids, same text; see ``mlx_lm_files.hf_tokenizer``).
 
-The cache is one stock ``mlx_lm.models.cache.KVCache`` per layer application (models/cache.py
+The cache is one stock ``mlx_lm.models.cache.KVCache`` per layer application (generation/cache.py
 says why that is exact), so mlx-lm's batched generation (``batch_generate``, the server's
 continuous batching, ``mlx_lm.benchmark -b N``), prompt-cache files, the server's prompt-cache
 trimming and ``--kv-bits`` work unchanged. A one-token forward over those slots runs our compiled
