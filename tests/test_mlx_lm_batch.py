@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_trm import interop
 from mlx_trm.config import ModelConfig
 from mlx_trm.interop import Model as InteropModel
+from mlx_trm.interop import model as interop  # where Model.__call__ reads its helpers
 from tests.conftest import model_kinds
 
 mlx_lm = pytest.importorskip("mlx_lm")
