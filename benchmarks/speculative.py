@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from mlx_trm.blas import prepare_cpu_backend  # noqa: E402
 from mlx_trm.checkpoint import load  # noqa: E402
-from mlx_trm.data import load_eval_tokens  # noqa: E402
-from mlx_trm.generate import generate_tokens  # noqa: E402
+from mlx_trm.data.batches import load_eval_tokens  # noqa: E402
+from mlx_trm.generation.generate import generate_tokens  # noqa: E402
 from mlx_trm.generation.speculative import speculation  # noqa: E402
 
 

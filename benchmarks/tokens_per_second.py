@@ -45,11 +45,11 @@ from moe_layers import SHAPES, make_steps  # noqa: E402
 
 from mlx_trm.blas import loaded_blas, prepare_cpu_backend  # noqa: E402
 from mlx_trm.config import load_config  # noqa: E402
-from mlx_trm.generate import generate_tokens  # noqa: E402
+from mlx_trm.generation.generate import generate_tokens  # noqa: E402
 from mlx_trm.kernels import kernels_setting, metal_kernels  # noqa: E402
-from mlx_trm.memory import fit_memory  # noqa: E402
 from mlx_trm.models import build_model, initial_carry  # noqa: E402
-from mlx_trm.step import make_optimizer, make_step_functions, train_step  # noqa: E402
+from mlx_trm.training.memory import fit_memory  # noqa: E402
+from mlx_trm.training.step import make_optimizer, make_step_functions, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ("train", "generate", "moe")

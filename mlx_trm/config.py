@@ -151,7 +151,8 @@ class TrainConfig:
     compile: bool = True
     # Recompute the layer activations of the back-propagated cycle in the backward pass instead
     # of keeping them (~1/4 more compute, a fraction of the memory). None: only when the step
-    # would not fit the device's memory otherwise (mlx_trm/memory.py measures it at the start).
+    # would not fit the device's memory otherwise (mlx_trm/training/memory.py measures it at the
+    # start).
     checkpoint_activations: bool | None = None
     resume: bool = False
     wandb: bool = False
@@ -328,7 +329,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def cli_errors(main: typing.Callable[..., Any]) -> typing.Callable[..., Any]:
-    """Wrap a CLI entry point: a ConfigError becomes one line on stderr and exit code 2."""
+    """Wrap a CLI entry point: a ConfigError becomes one line on stderr and exit code 2, Ctrl-C
+    one line and exit code 130 (128 + SIGINT), wherever it lands: in the imports of mlx, mlx-lm,
+    transformers or torch that a command makes after parsing, in loading, in generation."""
 
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -337,5 +340,8 @@ def cli_errors(main: typing.Callable[..., Any]) -> typing.Callable[..., Any]:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapped

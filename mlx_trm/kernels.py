@@ -2,8 +2,8 @@
 
 Apple silicon is the target, but MLX's CPU backend off macOS runs ``mx.exp`` one element at a
 time, so there the model reaches the same numbers by other routes (models/layers.py: a
-power-of-two exp, blocked attention through it, the plain rms_norm formula; interop.py: float16
-weights computed in float32). Every such branch asks :func:`metal_kernels`.
+power-of-two exp, blocked attention through it, the plain rms_norm formula; interop/model.py:
+float16 weights computed in float32). Every such branch asks :func:`metal_kernels`.
 
 ``MLX_TRM_KERNELS`` overrides the device's choice: ``metal`` takes Apple silicon's branches on any
 device, ``cpu`` the Linux CPU's. Both compute the same numbers and MLX's CPU backend runs every

@@ -1,4 +1,4 @@
-"""The compute-quality curve of adaptive recursion per token (mlx_trm.adaptive).
+"""The compute-quality curve of adaptive recursion per token (mlx_trm.generation.adaptive).
 
     python scripts/adaptive_sweep.py --run runs/adaptive/dense_act --max-steps 4 8 16 \
         --stories 40 --out benchmarks/results
@@ -37,7 +37,7 @@ def decode_speed(model, ids: list[int], n: int, repeats: int, policy=None) -> di
     """Batch-1 greedy decode tokens/s, best of ``repeats`` runs after a warm-up: per second of
     wall time and per second of this process's CPU time (which other processes on a shared
     machine disturb far less), and the decoder's ACT steps per token."""
-    from mlx_trm.generate import generate_tokens
+    from mlx_trm.generation.generate import generate_tokens
 
     wall = cpu = 0.0
     steps = float(model.args.halt_max_steps)
@@ -58,10 +58,9 @@ def decode_speed(model, ids: list[int], n: int, repeats: int, policy=None) -> di
 
 
 def sweep(args: argparse.Namespace) -> dict:
-    from mlx_trm.adaptive import evaluate_adaptive
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluation import evaluate_model
     from mlx_trm.generation.adaptive import halt_policy
+    from mlx_trm.training.evaluation import evaluate_adaptive, evaluate_model
 
     out_json = args.out / args.json
     result = json.loads(out_json.read_text()) if out_json.is_file() and args.resume else {

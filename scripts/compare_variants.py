@@ -31,7 +31,7 @@ PROMPT = "Once upon a time"
 
 def unigram_cross_entropy(data: str, tokenizer) -> float:
     """Held-out CE of the train split's (add-one) unigram distribution: the baseline to beat."""
-    from mlx_trm.data import load_tokens
+    from mlx_trm.data.batches import load_tokens
 
     train = load_tokens(data, tokenizer, split="train")
     valid = load_tokens(data, tokenizer, split="validation")
@@ -46,8 +46,8 @@ def unigram_cross_entropy(data: str, tokenizer) -> float:
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     """Train (or resume) one variant with the shared budget, then measure it."""
     from mlx_trm.config import ConfigError, load_config
-    from mlx_trm.run_dir import check_same_training
-    from mlx_trm.train import run
+    from mlx_trm.training.run import run
+    from mlx_trm.training.run_dir import check_same_training
 
     run_dir = args.runs / name
     overrides = [
@@ -85,8 +85,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 def measure_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict:
     """Evaluate, time and sample a trained run (plus the test-time sweep for TRMs)."""
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluation import evaluate_model
-    from mlx_trm.generate import stream_generate
+    from mlx_trm.generation.generate import stream_generate
+    from mlx_trm.training.evaluation import evaluate_model
 
     train_seconds = train_state(run_dir)["elapsed"]  # training steps only, summed over resumes
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -118,7 +118,7 @@ def measure_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict:
 
 def train_state(run_dir: Path) -> dict:
     """The run's last checkpoint state: step, elapsed training seconds, ..."""
-    from mlx_trm.run_dir import MODEL_SUBDIR, TRAIN_STATE
+    from mlx_trm.training.run_dir import MODEL_SUBDIR, TRAIN_STATE
 
     return json.loads((run_dir / MODEL_SUBDIR / TRAIN_STATE / "state.json").read_text())
 
@@ -142,7 +142,7 @@ def _flat(model):
 def test_time_sweep(run_dir: Path, trained, args: argparse.Namespace, tokenizer) -> list[dict]:
     """Held-out CE with more or less inference-time recursion than the model was trained with."""
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluation import evaluate_model
+    from mlx_trm.training.evaluation import evaluate_model
 
     settings = [{"halt_max_steps": n} for n in (1, 2, 4, 8, 16)]
     L = trained.L_cycles
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         write_report(saved["variants"], saved["meta"], args.out)
         print((args.out / "results.md").read_text())
         return
-    from mlx_trm.tokenizer import load_tokenizer
+    from mlx_trm.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     baseline = unigram_cross_entropy(args.data, tokenizer)

@@ -16,7 +16,7 @@ FAILS=0
 say() { printf '\n=== %s\n' "$*"; }
 show() { echo "\$ $*"; "$@" 2>&1 | tail -n "${TAIL:-4}"; return "${PIPESTATUS[0]}"; }
 check() { if eval "$2"; then echo "PASS: $1"; else echo "FAIL: $1"; FAILS=$((FAILS + 1)); fi; }
-train() { $PY -m mlx_trm.train $Q "$@"; }
+train() { $PY -m mlx_trm.cli.train $Q "$@"; }
 # every tensor of every .safetensors under $1 finite? prints "<n> tensors, <k> non-finite"
 finite() {
   $PY - "$1" <<'PYEOF'
@@ -73,10 +73,10 @@ drill_nan() {
   $PY -c "
 import mlx.core as mx; f='$D/poison/model.safetensors'; w=mx.load(f)
 k=sorted(w)[0]; w[k]=w[k]*float('nan'); mx.save_safetensors(f,w); print('poisoned', k)"
-  show $PY -m mlx_trm.evaluate --model $D/poison --data tinystories-sample --max-stories 8; rc=$?
-  check "evaluate refuses in one line, exit 2" '[ $rc = 2 ] && [ $($PY -m mlx_trm.evaluate --model $D/poison --data tinystories-sample 2>&1 | wc -l) = 1 ]'
-  show $PY -m mlx_trm.generate --model $D/poison --prompt "Once upon a time" --max-tokens 5; rc=$?
-  check "generate refuses in one line, exit 2" '[ $rc = 2 ] && [ $($PY -m mlx_trm.generate --model $D/poison --prompt Hi 2>&1 | wc -l) = 1 ]'
+  show $PY -m mlx_trm.cli.evaluate --model $D/poison --data tinystories-sample --max-stories 8; rc=$?
+  check "evaluate refuses in one line, exit 2" '[ $rc = 2 ] && [ $($PY -m mlx_trm.cli.evaluate --model $D/poison --data tinystories-sample 2>&1 | wc -l) = 1 ]'
+  show $PY -m mlx_trm.cli.generate --model $D/poison --prompt "Once upon a time" --max-tokens 5; rc=$?
+  check "generate refuses in one line, exit 2" '[ $rc = 2 ] && [ $($PY -m mlx_trm.cli.generate --model $D/poison --prompt Hi 2>&1 | wc -l) = 1 ]'
 }
 
 logged() {  # training records in a run's metrics.jsonl (0 before it exists)
@@ -88,7 +88,7 @@ drill_kill() {
   rm -rf $D/ref $D/kill
   show train train.max_steps=40 out_dir=$D/ref --quiet
   for i in 1 2 3 4 5; do
-    $PY -m mlx_trm.train $Q train.max_steps=40 out_dir=$D/kill train.resume=true --quiet >$D/kill.log 2>&1 &
+    $PY -m mlx_trm.cli.train $Q train.max_steps=40 out_dir=$D/kill train.resume=true --quiet >$D/kill.log 2>&1 &
     pid=$!
     # start-up (imports, compilation) takes seconds and varies with the load: wait for the run's
     # first training record of this attempt, then kill at a random instant of the next ~3 s,
@@ -147,7 +147,7 @@ PYEOF
 drill_lock() {
   say "3. two runs on one out_dir a few seconds apart"
   rm -rf $D/lock
-  $PY -m mlx_trm.train $Q train.max_steps=40 out_dir=$D/lock --quiet >$D/lockA.log 2>&1 &
+  $PY -m mlx_trm.cli.train $Q train.max_steps=40 out_dir=$D/lock --quiet >$D/lockA.log 2>&1 &
   a=$!; sleep 6
   show train train.max_steps=40 train.seed=7 out_dir=$D/lock; rc=$?
   echo "(first run's pid: $a)"
@@ -170,9 +170,9 @@ drill_errors() {
 import mlx_trm
 try: mlx_trm.load('$D/trunc/model')
 except Exception as e: print(type(e).__name__ + ':', e)"
-  for cmd in "$PY -m mlx_trm.generate --model $D/trunc --prompt Hi" \
-             "$PY -m mlx_trm.evaluate --model $D/trunc --data tinystories-sample" \
-             "$PY -m mlx_trm.train $Q train.max_steps=6 out_dir=$D/trunc train.resume=true"; do
+  for cmd in "$PY -m mlx_trm.cli.generate --model $D/trunc --prompt Hi" \
+             "$PY -m mlx_trm.cli.evaluate --model $D/trunc --data tinystories-sample" \
+             "$PY -m mlx_trm.cli.train $Q train.max_steps=6 out_dir=$D/trunc train.resume=true"; do
     out=$($cmd 2>&1); rc=$?
     echo "\$ $cmd"; echo "$out" | tail -2
     check "one line naming model.safetensors, exit 2 (rc $rc, $(echo "$out" | grep -vc '^resuming\|^step ') line(s))" '[ $rc = 2 ] && [ $(echo "$out" | grep -c "^error") = 1 ] && echo "$out" | grep "^error" | grep -q "model.safetensors" && ! echo "$out" | grep -q Traceback'
@@ -200,7 +200,7 @@ except Exception as e: print(type(e).__name__ + ':', e)"
   # a non-interactive bash starts background jobs with SIGINT ignored (and python keeps it
   # so): restore the default, as a terminal's Ctrl-C would find it
   $PY -c "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])" \
-    $PY -m mlx_trm.train $Q train.max_steps=20 out_dir=$D/int >$D/int.log 2>&1 &
+    $PY -m mlx_trm.cli.train $Q train.max_steps=20 out_dir=$D/int >$D/int.log 2>&1 &
   p=$!
   # after set-up (the step-0 evaluation is printed), before the first step has finished
   for _ in $(seq 600); do grep -q "^step 0:" $D/int.log 2>/dev/null && break; sleep 0.05; done
@@ -218,7 +218,7 @@ drill_small() {
   check "config.yaml unchanged by the resumes" '[ "$(md5sum < $D/good/config.yaml)" = "$sum" ]'
   say "5b. SIGTERM mid-run saves like Ctrl-C, and the run resumes"
   rm -rf $D/term $D/term_ref
-  $PY -m mlx_trm.train $Q train.max_steps=40 train.checkpoint_interval_sequences=1600 out_dir=$D/term >$D/term.log 2>&1 &
+  $PY -m mlx_trm.cli.train $Q train.max_steps=40 train.checkpoint_interval_sequences=1600 out_dir=$D/term >$D/term.log 2>&1 &
   p=$!
   # kill once a few steps are logged (start-up varies with the load), well before step 40
   for _ in $(seq 600); do [ "$(logged $D/term)" -ge 3 ] && break; sleep 0.1; done

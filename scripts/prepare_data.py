@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
-        from mlx_trm.data import load_tokens, token_stats
-        from mlx_trm.sources import resolve_source
-        from mlx_trm.tokenizer import load_tokenizer
+        from mlx_trm.data.batches import load_tokens, token_stats
+        from mlx_trm.data.sources import resolve_source
+        from mlx_trm.data.tokenizer import load_tokenizer
 
         if args.seq_len < 1:
             raise ConfigError(f"--seq-len must be >= 1 (got {args.seq_len})")

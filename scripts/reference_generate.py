@@ -38,7 +38,7 @@ class SentencePieceForReference:
     pad_token_id = eos_token_id = 0
 
     def __init__(self, path: Path):
-        from mlx_trm.tokenizer import load_tokenizer
+        from mlx_trm.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(path)
         self.vocab_size = self.tokenizer.vocab_size

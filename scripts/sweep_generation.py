@@ -22,9 +22,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_trm.blas import loaded_blas
-from mlx_trm.cli import load_for_generation
+from mlx_trm.cli.loading import load_for_generation
 from mlx_trm.config import ConfigError, cli_errors
-from mlx_trm.generate import batch_generate, make_sampler
+from mlx_trm.generation.generate import batch_generate
+from mlx_trm.generation.sampling import make_sampler
 
 PROMPTS = [
     # classic story openings (in-distribution)

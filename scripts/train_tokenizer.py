@@ -6,8 +6,8 @@ The packaged default was made with (from the project root)::
         --vocab-size 10000 --out mlx_trm/assets/tokenizer/tokenizer.model
 
 Deterministic: the same stories in the same order give a byte-identical model (the trainer
-settings are ``mlx_trm.tokenizer.SPM_TRAINER_OPTIONS``). ``--data`` takes anything ``data.path``
-takes (file, directory, hub id); only its train split is read.
+settings are ``mlx_trm.data.tokenizer.SPM_TRAINER_OPTIONS``). ``--data`` takes anything
+``data.path`` takes (file, directory, hub id); only its train split is read.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train on the first N stories only (for very large corpora)")
     args = parser.parse_args(argv)
     try:
+        from mlx_trm.data.sources import load_stories
+        from mlx_trm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
         from mlx_trm.files import atomic_write
-        from mlx_trm.sources import load_stories
-        from mlx_trm.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
         start = time.perf_counter()
         stories = load_stories(args.data, "train", args.text_field, args.max_stories)

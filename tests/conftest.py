@@ -137,8 +137,8 @@ def save_small_model(directory: Path, seq_len: int) -> Path:
 
     from mlx_trm.checkpoint import save
     from mlx_trm.config import ModelConfig
+    from mlx_trm.data.tokenizer import load_tokenizer
     from mlx_trm.models import build_model
-    from mlx_trm.tokenizer import load_tokenizer
 
     mx.random.seed(0)
     model = build_model(ModelConfig(hidden_size=16, num_heads=2, expansion=2, L_layers=2,
@@ -162,7 +162,7 @@ def model_kinds(moe: dict) -> dict[str, dict]:
 def converted(tmp_path_factory):
     """folder -> its reference step_3.pt converted to a model directory (once per module)."""
     pytest.importorskip("torch", reason="converting the reference checkpoints needs torch")
-    from mlx_trm.convert import torch_to_mlx
+    from mlx_trm.interop.convert import torch_to_mlx
 
     root, done = tmp_path_factory.mktemp("converted"), {}
 

@@ -7,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_trm.adaptive import evaluate_adaptive
 from mlx_trm.config import ConfigError
 from mlx_trm.generation.adaptive import AdaptiveDecoder, adaptive_forward, halt_policy
+from mlx_trm.training.evaluation import evaluate_adaptive
 from tests.conftest import save_small_model
 from tests.test_generate import run_cli, small_model
 
@@ -67,7 +67,7 @@ def test_threshold_zero_is_todays_fixed_depth_exactly(criterion):
 @pytest.mark.parametrize("criterion", ["kl", "latent"])
 def test_threshold_zero_evaluation_is_todays_cross_entropy(criterion, tmp_path):
     from mlx_trm.checkpoint import load
-    from mlx_trm.evaluation import evaluate_model
+    from mlx_trm.training.evaluation import evaluate_model
 
     model, tok = load(save_small_model(tmp_path / "m", seq_len=32))
     stories = tmp_path / "stories.txt"
@@ -129,7 +129,7 @@ def test_generate_cli_prints_act_steps_per_token(model_dir, capsys):
 
 
 def test_cli_errors_are_one_line(model_dir, capsys):
-    from mlx_trm.generate import main
+    from mlx_trm.cli.generate import main
 
     for argv, fix in ((["--adaptive-halt", "kll"], "did you mean 'kl'"),
                       (["--halt-threshold", "0.1"], "add it or drop them"),
@@ -143,7 +143,7 @@ def test_cli_errors_are_one_line(model_dir, capsys):
 
 
 def test_evaluate_cli_prints_act_steps_per_token(model_dir, tmp_path, capsys):
-    from mlx_trm.evaluate import main
+    from mlx_trm.cli.evaluate import main
 
     stories = tmp_path / "stories.txt"
     stories.write_text("Once upon a time there was a cat.\n\nThe dog ran to the park.\n")

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from mlx_trm import chat
 from mlx_trm.checkpoint import load
+from mlx_trm.cli import chat
+from mlx_trm.generation import session as session_mod
 from tests.conftest import ROOT, save_small_model
 
 
@@ -64,12 +65,12 @@ def test_scripted_conversation(monkeypatch, capsys, model_dir):
 
 def test_story_session_slides_and_greedy_replies_continue_the_text(model_dir):
     model, tokenizer = load(model_dir)
-    session = chat.StorySession(model, tokenizer, max_tokens=8, temp=0.0)
+    session = session_mod.StorySession(model, tokenizer, max_tokens=8, temp=0.0)
     first = [r.token for r in session.reply("Once upon a time") if r.finish_reason != "stop"]
     prompt = tokenizer.encode("Once upon a time")
     assert session.context == prompt + first
     # the same greedy continuation as generate_step on the same ids
-    from mlx_trm.generate import generate_step
+    from mlx_trm.generation.generate import generate_step
 
     assert first == [t for t, _ in generate_step(prompt, model, max_tokens=8)][:len(first)]
     for _ in range(6):  # seq_len 40: the window keeps the last 32 tokens before each reply
@@ -87,21 +88,21 @@ def test_default_max_tokens_fit_the_model(monkeypatch, capsys, model_dir):
     """No --max-tokens: 200 per reply would not fit seq_len 40, so half of it is asked."""
     asked = []
 
-    class Spy(chat.StorySession):
+    class Spy(session_mod.StorySession):
         def set_max_tokens(self, n: int) -> None:
             asked.append(n)
             super().set_max_tokens(n)
 
-    monkeypatch.setattr(chat, "StorySession", Spy)
+    monkeypatch.setattr(session_mod, "StorySession", Spy)  # chat.main reads it there
     out = converse(monkeypatch, capsys, model_dir, "Once upon a time\n/quit\n")
     assert asked == [20] and not any("error" in line for line in out)
 
 
 def test_chat_runs_from_a_pipe(model_dir):
-    """python -m mlx_trm.chat with standard input from a pipe (not a terminal)."""
+    """python -m mlx_trm.cli.chat with standard input from a pipe (not a terminal)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "mlx_trm.chat", "--model", str(model_dir), "--max-tokens", "4",
+        [sys.executable, "-m", "mlx_trm.cli.chat", "--model", str(model_dir), "--max-tokens", "4",
          "--temp", "0", "--stats"],
         input="Once upon a time\n/quit\n", capture_output=True, text=True, env=env, cwd=ROOT,
         timeout=120)

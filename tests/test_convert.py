@@ -14,8 +14,8 @@ from mlx_trm.config import ConfigError
 
 torch = pytest.importorskip("torch", reason="the converter tests need the torch extra")
 
-from mlx_trm.convert import main as convert_main  # noqa: E402
-from mlx_trm.convert import mlx_to_torch, torch_to_mlx  # noqa: E402
+from mlx_trm.cli.convert import main as convert_main  # noqa: E402
+from mlx_trm.interop.convert import mlx_to_torch, torch_to_mlx  # noqa: E402
 from tests.conftest import ARCHS, reference_cases  # noqa: E402
 
 DENSE = ARCHS[:2]
@@ -256,7 +256,7 @@ def test_mlx_trained_model_survives_torch_and_back(arch, tmp_path, fixtures_dir)
 def trained_run(tmp_path_factory):
     """A 3-step run on the shipped sample with settings the reference must carry over."""
     from mlx_trm.config import load_config
-    from mlx_trm.train import run
+    from mlx_trm.training.run import run
     from tests.conftest import CONFIGS
 
     tmp = tmp_path_factory.mktemp("run")
@@ -270,7 +270,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_mlx_model_metadata_is_what_the_reference_reads(trained_run, tmp_path):
-    from mlx_trm.tokenizer import load_tokenizer
+    from mlx_trm.data.tokenizer import load_tokenizer
 
     out = mlx_to_torch(trained_run.parent, tmp_path / "step_3.pt")  # the run directory
     written = torch.load(out, weights_only=True)
@@ -293,7 +293,7 @@ def test_mlx_model_metadata_is_what_the_reference_reads(trained_run, tmp_path):
 
 
 def test_demo_model_converts_with_its_run_step(tmp_path):
-    from mlx_trm.cli import DEMO_MODEL
+    from mlx_trm.cli.loading import DEMO_MODEL
 
     written = torch.load(mlx_to_torch(DEMO_MODEL, tmp_path / "demo.pt"), weights_only=True)
     provenance = json.loads((DEMO_MODEL / "provenance.json").read_text())
@@ -302,7 +302,7 @@ def test_demo_model_converts_with_its_run_step(tmp_path):
 
 
 def test_a_model_the_reference_cannot_represent_is_refused(tmp_path):
-    import mlx_trm.convert as convert
+    import mlx_trm.interop.convert as convert
     from mlx_trm.checkpoint import save
     from mlx_trm.config import ModelConfig
     from mlx_trm.models import build_model
@@ -332,8 +332,8 @@ def test_the_reference_scripts_load_it_and_give_our_greedy_ids(which, trained_ru
     import subprocess
     import sys
 
-    from mlx_trm.cli import DEMO_MODEL
-    from mlx_trm.generate import generate_step
+    from mlx_trm.cli.loading import DEMO_MODEL
+    from mlx_trm.generation.generate import generate_step
     from tests.conftest import ROOT
 
     model_dir = DEMO_MODEL if which == "demo" else trained_run

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mlx_trm.data as data
-import mlx_trm.sources as sources
+import mlx_trm.data.batches as data
+import mlx_trm.data.sources as sources
 from mlx_trm.config import ConfigError, DataConfig
-from mlx_trm.data import (
+from mlx_trm.data.batches import (
     IGNORE_INDEX,
     TokenDataset,
     default_cache_dir,
@@ -32,8 +32,8 @@ from mlx_trm.data import (
     token_stats,
     tokenize_stories,
 )
-from mlx_trm.sources import load_stories, resolve_source
-from mlx_trm.tokenizer import load_tokenizer
+from mlx_trm.data.sources import load_stories, resolve_source
+from mlx_trm.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ["One day, Tom saw a dog.\nThe dog was big.", "Lily had a red ball.",
@@ -179,7 +179,8 @@ def test_directory_split_rules(tmp_path):
 def test_hub_id_is_recognised_without_importing_datasets():
     source = resolve_source("roneneldan/TinyStories", "validation")
     assert source.hub_id == "roneneldan/TinyStories" and source.split == "validation"
-    code = "import sys, mlx_trm.data, mlx_trm.tokenizer; assert 'datasets' not in sys.modules"
+    code = ("import sys, mlx_trm.data.batches, mlx_trm.data.tokenizer; "
+            "assert 'datasets' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

@@ -10,8 +10,8 @@ import sys
 
 import mlx.core as mx
 
-from mlx_trm.cli import DEMO_MODEL
-from mlx_trm.generate import make_sampler
+from mlx_trm.cli.loading import DEMO_MODEL
+from mlx_trm.generation.sampling import make_sampler
 
 # words any TinyStories-like English story is full of
 COMMON = {"the", "a", "was", "and", "to", "he", "she", "they", "her", "his", "it", "day",
@@ -40,7 +40,7 @@ def test_demo_model_ships_small_float16_and_documented():
 
 
 def test_generate_with_no_model_tells_an_english_story(tmp_path):
-    result = run("mlx_trm.generate", "--prompt", "Once upon a time", "--max-tokens", "40",
+    result = run("mlx_trm.cli.generate", "--prompt", "Once upon a time", "--max-tokens", "40",
                  "--temp", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -53,7 +53,7 @@ def test_generate_with_no_model_tells_an_english_story(tmp_path):
 
 
 def test_chat_with_no_model_continues_the_story(tmp_path):
-    result = run("mlx_trm.chat", "--max-tokens", "30", "--temp", "0",
+    result = run("mlx_trm.cli.chat", "--max-tokens", "30", "--temp", "0",
                  stdin="Once upon a time, there was a little dog.\n/quit\n", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert looks_english(result.stdout), result.stdout
@@ -62,7 +62,7 @@ def test_chat_with_no_model_continues_the_story(tmp_path):
 def test_demo_model_writes_a_story_from_nothing(tmp_path):
     """No prompt: the CLI, chat's empty first line and the Python API start from end-of-story,
     the context the demo's packed rows put before every story, and write a story."""
-    result = run("mlx_trm.generate", "--max-tokens", "60", "--temp", "0", cwd=tmp_path)
+    result = run("mlx_trm.cli.generate", "--max-tokens", "60", "--temp", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[-3].startswith("Prompt: 1 tokens, ")
@@ -75,5 +75,6 @@ def test_demo_model_writes_a_story_from_nothing(tmp_path):
     mx.random.seed(0)
     sampled = generate(model, tokenizer, "", max_tokens=60, sampler=make_sampler(0.8, top_k=40))
     assert looks_english(sampled) and sampled != story, sampled
-    chat = run("mlx_trm.chat", "--max-tokens", "60", "--temp", "0", stdin="\n/quit\n", cwd=tmp_path)
+    chat = run("mlx_trm.cli.chat", "--max-tokens", "60", "--temp", "0", stdin="\n/quit\n",
+               cwd=tmp_path)
     assert chat.returncode == 0 and chat.stdout.strip() == story, chat.stderr

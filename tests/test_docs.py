@@ -73,6 +73,8 @@ def cli_invocation(words: list[str]) -> tuple[str, list[str]] | None:
         at = words.index("-m")
         if re.fullmatch(r"mlx_(trm|lm)\.\w+", words[at + 1]):
             return words[at + 1], words[at + 2:]
+        if re.fullmatch(r"mlx_trm\.cli\.\w+", words[at + 1]):  # python -m mlx_trm.cli.train
+            return words[at + 1].replace(".cli.", "."), words[at + 2:]
         if words[at + 1] == "mlx_lm" and len(words) > at + 2:  # python -m mlx_lm generate
             return f"mlx_lm.{words[at + 2]}", words[at + 3:]
         return None
@@ -138,8 +140,8 @@ def our_parser(cli: str) -> argparse.ArgumentParser:
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(cli)
+    else:  # a console script mlx_trm.X runs mlx_trm.cli.X
+        module = importlib.import_module(cli.replace("mlx_trm.", "mlx_trm.cli.", 1))
     if hasattr(module, "build_parser"):
         parser = module.build_parser()
     else:
@@ -206,6 +208,6 @@ def test_the_checks_see_the_commands():
     assert {"mlx_trm.train", "mlx_trm.generate", "mlx_trm.chat", "mlx_trm.evaluate",
             "mlx_trm.convert", "mlx_lm.server", "mlx_lm.lora",
             "benchmarks/tokens_per_second.py"} <= calls
-    assert cli_invocation(shlex.split("REF_REPO=x python -m mlx_trm.train --config c")) == (
+    assert cli_invocation(shlex.split("REF_REPO=x python -m mlx_trm.cli.train --config c")) == (
         "mlx_trm.train", ["--config", "c"])
     assert cli_invocation(["curl", "http://x"]) is None

@@ -8,8 +8,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_trm.checkpoint import load, save
-from mlx_trm.evaluate import main
-from mlx_trm.evaluation import COLLAPSE_NOTE, evaluate_model
+from mlx_trm.cli.evaluate import main
+from mlx_trm.training.evaluation import COLLAPSE_NOTE, evaluate_model
 from tests.conftest import save_small_model
 
 

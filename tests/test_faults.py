@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import mlx_trm.loop as loop
-import mlx_trm.run_dir as run_dir
-import mlx_trm.train as train_module
+import mlx_trm.training.loop as loop
+import mlx_trm.training.run as train_module
+import mlx_trm.training.run_dir as run_dir
 from mlx_trm.checkpoint import load, save
+from mlx_trm.cli import train as train_cli
 from mlx_trm.config import ConfigError
-from mlx_trm.run_dir import RunLock, checkpoint_step, recover_checkpoint
-from mlx_trm.train import run
+from mlx_trm.training.run import run
+from mlx_trm.training.run_dir import RunLock, checkpoint_step, recover_checkpoint
 from tests.conftest import CONFIGS, ROOT, save_small_model
 from tests.test_train import cli_overrides, losses, read_metrics, small_run_config
 
@@ -63,7 +64,7 @@ def test_a_nan_loss_stops_and_the_cli_says_so_in_one_line(tmp_path):
     args = cli_overrides(tmp_path, "nanloss") + [
         "train.lr=1e30", "train.grad_clip_norm=1e30", "train.lr_warmup_percent=0",
         "train.max_steps=50", "train.checkpoint_interval_sequences=4"]
-    result = subprocess.run([sys.executable, "-m", "mlx_trm.train", *args], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "mlx_trm.cli.train", *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     lines = [x for x in result.stderr.splitlines() if x.startswith("error")]
@@ -83,7 +84,7 @@ def test_evaluate_and_generate_refuse_non_finite_weights(cli, tmp_path, tinystor
         load(tmp_path / "bad")
     args = {"evaluate": ["--data", str(tinystories_dir), "--max-stories", "2"],
             "generate": ["--prompt", "Once", "--max-tokens", "3"]}[cli]
-    result = subprocess.run([sys.executable, "-m", f"mlx_trm.{cli}", "--model",
+    result = subprocess.run([sys.executable, "-m", f"mlx_trm.cli.{cli}", "--model",
                              str(tmp_path / "bad"), *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
@@ -197,7 +198,7 @@ def test_recovery_takes_the_newest_complete_copy(tmp_path):
 
 def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from mlx_trm.run_dir import RunLock\n"
+        "import sys, time; from pathlib import Path; from mlx_trm.training.run_dir import RunLock\n"
         f"with RunLock(Path({str(tmp_path / 'busy')!r})):\n"
         "    print('locked', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE,
         text=True)
@@ -289,7 +290,7 @@ def test_resume_compares_data_settings_and_keeps_config_yaml(tmp_path):
 
 def test_sigterm_saves_like_ctrl_c(tmp_path):
     args = cli_overrides(tmp_path, "term") + ["train.max_steps=100000"]
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_trm.train", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_trm.cli.train", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -328,7 +329,7 @@ def test_ctrl_c_before_the_first_step(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_module, "setup_run", lambda *a, **k: os.kill(os.getpid(),
                                                                             signal.SIGTERM))
     with pytest.raises(SystemExit) as e:
-        train_module.main(["--config", str(CONFIGS / "trm_tinystories_1m.yaml"),
-                           f"out_dir={tmp_path}/setup"])
+        train_cli.main(["--config", str(CONFIGS / "trm_tinystories_1m.yaml"),
+                        f"out_dir={tmp_path}/setup"])
     assert e.value.code == 143 and "interrupted before the first step" in capsys.readouterr().err
     assert not (tmp_path / "early2/train.lock").exists()

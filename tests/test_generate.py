@@ -12,21 +12,23 @@ from mlx.utils import tree_map
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from mlx_trm.checkpoint import load
+from mlx_trm.cli import generate as gen  # noqa: E402  (the command: gen.main)
 from mlx_trm.config import ConfigError, ModelConfig
-from mlx_trm.generate import (
+from mlx_trm.data.tokenizer import decode_continuation
+from mlx_trm.generation.decoders import CachedDecoder
+from mlx_trm.generation.generate import (
     batch_generate,
     check_length,
+    encode_prompt,
+    generate,
     generate_step,
     generate_tokens,
-    make_sampler,
     stream_generate,
 )
-from mlx_trm.generation.decoders import CachedDecoder
+from mlx_trm.generation.sampling import make_sampler
 from mlx_trm.models import build_model
 from tests.conftest import model_kinds, reference_cases, save_small_model
 
-# the module: mlx_trm.generate may also name the package's generate() function
-gen = importlib.import_module("mlx_trm.generate")
 decoders = importlib.import_module("mlx_trm.generation.decoders")  # where the cache blocks are read
 
 MOE = dict(use_moeut=True, moe_ff_n_experts=4, moe_ff_expert_size=8, moe_ff_k=2,
@@ -466,10 +468,10 @@ def test_a_story_from_nothing_starts_from_end_of_story(model_dir, capsys):
     """No prompt (the CLI without --prompt, the Python API with ""): end-of-story is the whole
     context, greedy and sampled, and the text is what generate_step gives from [eos]."""
     model, tok = load(model_dir)
-    assert gen.encode_prompt(tok, "") == gen.encode_prompt(tok, []) == [tok.eos_id] == [0]
+    assert encode_prompt(tok, "") == encode_prompt(tok, []) == [tok.eos_id] == [0]
     greedy = [t for t, _ in generate_step([0], model, max_tokens=6)]
-    text = gen.decode_continuation(tok, [0], greedy)
-    assert gen.generate(model, tok, "", max_tokens=6, ignore_eos=True) == text
+    text = decode_continuation(tok, [0], greedy)
+    assert generate(model, tok, "", max_tokens=6, ignore_eos=True) == text
     out = run_cli(capsys, ["--model", str(model_dir), "--max-tokens", "6", "--ignore-eos"]).out
     assert out.splitlines()[1] == text and "Prompt: 1 tokens, " in out
     sampler = make_sampler(1.0)
@@ -497,9 +499,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(model_dir, capsys, argv, messa
 
 
 def test_cli_missing_model(tmp_path, capsys, monkeypatch):
-    import mlx_trm.cli
+    import mlx_trm.cli.loading
 
-    monkeypatch.setattr(mlx_trm.cli, "DEMO_MODEL", tmp_path / "no-demo")  # where it is read
+    monkeypatch.setattr(mlx_trm.cli.loading, "DEMO_MODEL", tmp_path / "no-demo")  # where it is read
     for argv in (["--model", str(tmp_path / "nope")], []):
         with pytest.raises(SystemExit) as exit_info:
             gen.main(argv)

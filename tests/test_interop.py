@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,14 +17,14 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_trm.checkpoint import load, save
-from mlx_trm.cli import DEMO_MODEL
+from mlx_trm.checkpoint.mlx_lm_files import MODEL_FILE, UNSUPPORTED_KEY, write_mlx_lm_files
+from mlx_trm.cli.interop import main as interop_main
+from mlx_trm.cli.loading import DEMO_MODEL
 from mlx_trm.config import ModelConfig
-from mlx_trm.generate import generate, generate_step
-from mlx_trm.interop import main as interop_main
-from mlx_trm.mlx_lm_files import MODEL_FILE, UNSUPPORTED_KEY, write_mlx_lm_files
+from mlx_trm.data.sources import load_stories
+from mlx_trm.data.tokenizer import load_tokenizer
+from mlx_trm.generation.generate import generate, generate_step
 from mlx_trm.models import build_model
-from mlx_trm.sources import load_stories
-from mlx_trm.tokenizer import load_tokenizer
 
 mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache  # noqa: E402
@@ -332,6 +333,20 @@ def test_cli_upgrades_an_old_directory(saved, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:  # not a model directory: one line, exit code 2
         interop_main([str(tmp_path / "missing")])
     assert exit.value.code == 2
+
+
+def test_a_directory_from_before_story_tokenizer_is_named_with_its_fix(saved, tmp_path):
+    """Its empty prompt would stop mlx_lm.server: loading it says so, and the fix clears it."""
+    path = shutil.copytree(saved["dense_act"][0], tmp_path / "old")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    del config["auto_map"]  # as every directory written before StoryTokenizer
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"predate StoryTokenizer.*mlx_trm\.cli\.interop"):
+        load(path)
+    interop_main([str(path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(path)
 
 
 def test_write_keeps_our_config_and_refusal_is_cleared(saved, tmp_path):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from mlx_trm.config import ModelConfig, TrainConfig
-from mlx_trm.loop import TrainingCallback, train
 from mlx_trm.models import build_model
-from mlx_trm.step import make_optimizer
+from mlx_trm.training.loop import TrainingCallback, train
+from mlx_trm.training.step import make_optimizer
 
 
 class Recorder(TrainingCallback):

@@ -9,14 +9,6 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_trm.config import ConfigError, ModelConfig, load_config
-from mlx_trm.memory import (
-    _probe_peak,
-    device_memory_limit,
-    fit_memory,
-    fitting_accum,
-    probe_rows,
-    step_peak,
-)
 from mlx_trm.models import act_loss, act_step, build_model, initial_carry
 from mlx_trm.models.loss import (
     cross_entropy,
@@ -24,6 +16,14 @@ from mlx_trm.models.loss import (
     weighted_linear_cross_entropy,
 )
 from mlx_trm.models.router import RoutingLog, routers
+from mlx_trm.training.memory import (
+    _probe_peak,
+    device_memory_limit,
+    fit_memory,
+    fitting_accum,
+    probe_rows,
+    step_peak,
+)
 from tests.conftest import CONFIGS
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_trm import interop
 from mlx_trm.config import ModelConfig
 from mlx_trm.interop import Model as InteropModel
+from mlx_trm.interop import model as interop  # where Model.__call__ reads its helpers
 from tests.conftest import model_kinds
 
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -147,8 +147,9 @@ def count_compiled_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("kind", ["flat", "dense_act", "moeut_act"])
 def test_mlx_lm_decode_runs_the_compiled_step_and_equals_the_eager_one(kind, monkeypatch):
     """generate_step's one-token calls take the compiled decoder on the KVCache buffers
-    (mlx_trm.interop.decode_into_mlx_lm_cache): ids and logprobs equal the eager path's, through
-    several buffer growths (KVCache.step cut to 8), and the slots end as eager ones would."""
+    (mlx_trm.interop.model.decode_into_mlx_lm_cache): ids and logprobs equal the eager path's,
+    through several buffer growths (KVCache.step cut to 8), and the slots end as eager ones
+    would."""
     model = tiny_model(kind)
     monkeypatch.setattr(lm_cache.KVCache, "step", 8)
     calls = count_compiled_calls(monkeypatch)

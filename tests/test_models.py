@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_trm.cli.generate import main as generate_main
 from mlx_trm.config import ConfigError, ModelConfig, load_config
-from mlx_trm.generate import main as generate_main
 from mlx_trm.kernels import ENV, metal_kernels
 from mlx_trm.models import act_loss, act_step, build_model, initial_carry, layers
 from mlx_trm.models.layers import swiglu_intermediate_size

@@ -14,11 +14,11 @@ import pytest
 import mlx_trm
 from mlx_trm.checkpoint import save
 from mlx_trm.config import ModelConfig
+from mlx_trm.data.tokenizer import load_tokenizer
 from mlx_trm.models import build_model
 from mlx_trm.models.layers import rms_norm
 from mlx_trm.models.moe import SigmaMoE, SwitchHead
 from mlx_trm.models.router import Router
-from mlx_trm.tokenizer import load_tokenizer
 from tests.moe_reference import sigma_moe_dense, switch_head_dense
 
 GROUP = 32  # the tiny models are 32 wide; mlx-lm's default group (64) needs 64

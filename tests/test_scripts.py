@@ -138,7 +138,7 @@ def test_plot_metrics_cli(comparison, capsys):
 
 
 def test_make_demo_model_ships_float16_weights_that_generate(comparison, tmp_path):
-    from mlx_trm.generate import stream_generate
+    from mlx_trm.generation.generate import stream_generate
 
     run = comparison / "runs" / "trm_tinystories_1m_flat"
     out = make_demo_model.make_demo(run, tmp_path / "demo", note="test")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mlx_trm import generate, load
-from mlx_trm.cli import DEMO_MODEL
+from mlx_trm.cli.loading import DEMO_MODEL
 
 pytest.importorskip("openai")  # the [serve] extra
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_trm.checkpoint import load
 from mlx_trm.config import ConfigError
-from mlx_trm.generate import generate_tokens, make_sampler, stream_generate
 from mlx_trm.generation import decoders
 from mlx_trm.generation.decoders import CachedDecoder
+from mlx_trm.generation.generate import generate_tokens, stream_generate
+from mlx_trm.generation.sampling import make_sampler
 from mlx_trm.generation.speculative import SpeculativeDecoder, speculation
 from tests.test_generate import PROMPT, model_dir, run_cli, small_model  # noqa: F401
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 import mlx_trm.models.trm as trm
-from mlx_trm.adaptive import evaluate_adaptive, halt_policy
 from mlx_trm.checkpoint import load
 from mlx_trm.config import TrainConfig
-from mlx_trm.evaluation import evaluate_batches, make_eval_fn
-from mlx_trm.memory import _probe_peak
+from mlx_trm.generation.adaptive import halt_policy
 from mlx_trm.models import initial_carry
-from mlx_trm.step import make_optimizer, make_step_functions, train_step
+from mlx_trm.training.evaluation import evaluate_adaptive, evaluate_batches, make_eval_fn
+from mlx_trm.training.memory import _probe_peak
+from mlx_trm.training.step import make_optimizer, make_step_functions, train_step
 from tests.conftest import save_small_model
 
 EXTRA_BYTES = 2**26  # the changed loss's temporary (64 MB): the probe's peak must see it

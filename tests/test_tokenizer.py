@@ -8,8 +8,8 @@ import json
 import pytest
 
 from mlx_trm.config import ConfigError
-from mlx_trm.sources import load_stories
-from mlx_trm.tokenizer import (
+from mlx_trm.data.sources import load_stories
+from mlx_trm.data.tokenizer import (
     DEFAULT_TOKENIZER,
     GPTNeo10kTokenizer,
     SentencePieceTokenizer,

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from mlx_trm.config import ConfigError, TrainConfig, load_config
-from mlx_trm.step import learning_rate, make_optimizer, make_step_functions, train_step
-from mlx_trm.train import run
+from mlx_trm.training.run import run
+from mlx_trm.training.step import learning_rate, make_optimizer, make_step_functions, train_step
 from tests.conftest import CONFIGS, ROOT, reference_cases
 
 
@@ -47,7 +47,7 @@ def test_first_steps_give_the_reference_losses(folder, tmp_path):
     """From the converted step_0.pt, three steps on the fixture's batches give its losses."""
     pytest.importorskip("torch", reason="converting the fixture needs the torch extra")
     from mlx_trm.checkpoint import load
-    from mlx_trm.convert import torch_to_mlx
+    from mlx_trm.interop.convert import torch_to_mlx
     from mlx_trm.models import initial_carry
 
     e = np.load(folder / "expected.npz")
@@ -158,7 +158,7 @@ def test_logged_peak_memory_is_the_runs_own(tmp_path):
 def test_act_warmup_runs_one_act_step_per_batch_then_the_carry(tmp_path):
     """train.act_warmup_percent=0.5 of 6 steps: steps 1-3 adopt a new batch every step."""
     from mlx_trm.models import initial_carry
-    from mlx_trm.step import make_step_functions as make
+    from mlx_trm.training.step import make_step_functions as make
 
     def carry_after(name, steps, *extra):
         config = small_run_config(tmp_path, name, *extra)
@@ -209,8 +209,8 @@ def test_a_run_learns_and_logs_evaluations(tmp_path):
 
 def test_latent_spread_detects_a_collapsed_model():
     from mlx_trm.config import ModelConfig
-    from mlx_trm.evaluation import evaluate_batches, make_eval_fn
     from mlx_trm.models import build_model
+    from mlx_trm.training.evaluation import evaluate_batches, make_eval_fn
 
     mx.random.seed(0)
     model = build_model(ModelConfig(vocab_size=64, hidden_size=16, num_heads=2, expansion=2,
@@ -271,7 +271,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 def run_cli(args, env=None, **kwargs):
     env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mlx_trm.train", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "mlx_trm.cli.train", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
@@ -293,7 +293,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
 
 def test_ctrl_c_saves_and_exits(tmp_path):
     args = cli_overrides(tmp_path, "sigint") + ["train.max_steps=100000"]
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_trm.train", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_trm.cli.train", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "sigint" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -314,7 +314,7 @@ def test_two_process_data_parallel_run_matches_one_process(tmp_path):
     single = cli_overrides(tmp_path, "single") + ["train.max_steps=3"]
     assert run_cli(single).returncode == 0
     launch = [shutil.which("mlx.launch"), "-n", "2", "--backend", "ring", "--python",
-              sys.executable, "-m", "mlx_trm.train",
+              sys.executable, "-m", "mlx_trm.cli.train",
               *(cli_overrides(tmp_path, "ranks") + ["train.max_steps=3"])]
     result = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Inference: the recursion-aware KV cache and the decoders built on it.
+"""Inference: the recursion-aware KV cache, the decoders built on it, and text generation.
 
 - ``cache.py``: the one slot type (fixed capacity, per-row positions, left padding, adaptive
   halting's keep-what-you-had) and why a cache is exact for a recursive model;
@@ -6,5 +6,8 @@
   full re-forward);
 - ``adaptive.py``: per-token adaptive halting;
 - ``speculative.py``: exact speculative recursion (early ACT steps or a small model draft,
-  the full depth verifies).
+  the full depth verifies);
+- ``sampling.py``, ``generate.py``, ``stats.py``: mlx-lm's generation API on those decoders
+  (``generate_step``, ``stream_generate``, ``generate``, ``batch_generate``) and its statistics;
+- ``session.py``: a story written together (``mlx_trm.chat``).
 """

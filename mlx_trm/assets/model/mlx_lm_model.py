@@ -2,7 +2,7 @@
 
 ``mlx_lm.generate/chat/server --model DIR --trust-remote-code`` run this file. It only imports the
 architecture and the tokenizer class (tokenizer_config.json's ``auto_map``) from the installed
-``mlx_trm`` package; see mlx_trm/interop.py and mlx_trm/story_tokenizer.py there.
+``mlx_trm`` package; see mlx_trm/interop/ and mlx_trm/story_tokenizer.py there.
 """
 
 import importlib.util

@@ -3,11 +3,15 @@
 Every write goes to a temporary sibling directory that is renamed into place, so a crash never
 leaves a half-written checkpoint, and the previous one survives until the new one is complete
 (``mlx_trm.files``). Loading names a truncated file or non-finite weights in one line.
+Every directory is also an mlx-lm model (``mlx_lm_files.py`` writes what mlx-lm reads;
+``mlx_trm.interop`` is the architecture it builds) and may hold quantized weights
+(``quantize.py``).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -17,12 +21,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ConfigError, ModelConfig, dataclass_from_dict, model_config_from_dict
-from .files import atomic_write, write_atomic_dir
-from .mlx_lm_files import write_mlx_lm_files
-from .models import build_model
+from ..config import ConfigError, ModelConfig, dataclass_from_dict, model_config_from_dict
+from ..data.tokenizer import load_tokenizer
+from ..files import atomic_write, write_atomic_dir
+from ..models import build_model
+from .mlx_lm_files import stale_tokenizer_note, write_mlx_lm_files
 from .quantize import quantize_skeleton
-from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -191,6 +195,8 @@ def load(path: str | Path, model_config: dict[str, Any] | None = None
     quantize_skeleton(model, raw, weights)  # mlx_lm.convert -q directories
     load_weights_strict(model, weights, str(weights_file))
     mx.eval(model.parameters())
+    if note := stale_tokenizer_note(path):
+        warnings.warn(note, stacklevel=2)
     return model, load_dir_tokenizer(path)
 
 

@@ -1,23 +1,20 @@
-"""Command-line pieces that ``mlx_trm.generate``, ``mlx_trm.chat`` and ``mlx_trm.evaluate`` share:
-the model/tokenizer arguments and loading, the sampling and speculative-decoding arguments,
-prompt files."""
+"""The command-line arguments that ``mlx_trm.generate``, ``mlx_trm.chat`` and
+``mlx_trm.evaluate`` share, and prompt files. Only argparse and the standard library: a command's
+``--help`` imports nothing more (what the arguments ask for is built in loading.py, after
+parsing)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
-import mlx.nn as nn
-from mlx_lm.sample_utils import make_logits_processors
+from ..config import ConfigError
 
-from .checkpoint import load
-from .config import ConfigError
-from .generation.speculative import Speculation, speculation
-from .tokenizer import load_tokenizer
-
-DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "model"
+DEFAULT_DRAFT_TOKENS = 3
+# --halt-threshold when none is given: measured on the dense TRM + ACT 1M model's sweep
+# (benchmarks/results/adaptive_recursion.md); q's 0 is the model's own rule
+DEFAULT_THRESHOLDS = {"kl": 0.0, "latent": 0.0, "q": 0.0}
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -42,32 +39,6 @@ def read_prompts(path: str | Path) -> list[str]:
         raise ConfigError(f"{path} holds no prompts: write one per line, or JSON lines with a "
                           "'prompt' field")
     return prompts
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def resolve_model_path(path: str | None) -> Path:
-    if path is not None:
-        return Path(path)
-    if (DEMO_MODEL / "config.json").is_file():
-        return DEMO_MODEL
-    raise ConfigError("no --model given and no packaged demo model is installed; pass --model DIR "
-                      "(a directory written by mlx_trm.train, mlx_trm.save or mlx_trm.convert)")
-
-
-def load_for_generation(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """Model and tokenizer from the shared --model/--tokenizer/--halt-max-steps/--l-cycles."""
-    overrides = {k: v for k, v in (("halt_max_steps", args.halt_max_steps),
-                                   ("L_cycles", args.l_cycles)) if v is not None}
-    model, tokenizer = load(resolve_model_path(args.model), model_config=overrides)
-    if args.tokenizer is not None or tokenizer is None:
-        tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                          f"{model.args.vocab_size}; pass the model's tokenizer with --tokenizer")
-    return model, tokenizer
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -97,21 +68,6 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temp: float = 0.0,
                         help="tokens of prompt + reply the repetition penalty looks back over")
 
 
-def logits_processors_from_args(args: argparse.Namespace) -> list[Any]:
-    """mlx-lm's logits processors for --repetition-penalty (none when it is off)."""
-    if args.repetition_penalty is not None and args.repetition_penalty < 0:
-        raise ConfigError(f"--repetition-penalty must be >= 0 (got {args.repetition_penalty})")
-    if args.repetition_context_size < 1:
-        raise ConfigError("--repetition-context-size must be >= 1 "
-                          f"(got {args.repetition_context_size})")
-    return make_logits_processors(repetition_penalty=args.repetition_penalty,
-                                  repetition_context_size=args.repetition_context_size)
-
-
-
-DEFAULT_DRAFT_TOKENS = 3
-
-
 def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-steps", type=int, default=None,
                         help="speculative recursion: draft with the model's first N ACT steps, "
@@ -123,22 +79,13 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens drafted per round (default {DEFAULT_DRAFT_TOKENS})")
 
 
-def speculation_from_args(model: nn.Module, tokenizer: Any,
-                          args: argparse.Namespace) -> Speculation | None:
-    """What --draft-steps / --draft-model / --num-draft-tokens ask for (None without them)."""
-    if args.draft_steps is None and args.draft_model is None:
-        if args.num_draft_tokens is not None:
-            raise ConfigError("--num-draft-tokens only applies with --draft-steps N or "
-                              "--draft-model DIR; add one or drop it")
-        return None
-    draft = None
-    if args.draft_model is not None:
-        draft, draft_tokenizer = load(resolve_model_path(args.draft_model))
-        probe = "Once upon a time, Lily said: \"Look!\" 123"
-        if draft_tokenizer is not None and (
-                draft_tokenizer.vocab_size != tokenizer.vocab_size
-                or draft_tokenizer.encode(probe) != tokenizer.encode(probe)):
-            raise ConfigError(f"the draft model {args.draft_model} has another tokenizer than "
-                              "the model; speculative decoding needs the same one")
-    k = DEFAULT_DRAFT_TOKENS if args.num_draft_tokens is None else args.num_draft_tokens
-    return speculation(model, k, args.draft_steps, draft)
+def add_adaptive_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adaptive-halt", default=None, metavar="{kl,latent,q}",
+                        help="halt each token's ACT steps on its own: kl (next-token "
+                        "distributions stop changing), latent (z_H stops changing) or q (the "
+                        "model's q-halt head); default: every token runs --halt-max-steps")
+    parser.add_argument("--halt-threshold", type=float, default=None,
+                        help="halt when the criterion is below this (kl, latent: 0 = never; "
+                        "q: q_continue - q_halt, 0 = the model's rule)")
+    parser.add_argument("--min-halt-steps", type=int, default=1,
+                        help="ACT steps every token runs before it may halt (default 1)")

@@ -1,18 +1,17 @@
-"""Train a recursive LM from a YAML config: ``mlx_trm.train --config configs/X.yaml [k=v ...]``.
+"""Train a recursive LM from a config (``mlx_trm.train --config configs/X.yaml [k=v ...]``).
 
-This module builds what the loop (:func:`mlx_trm.loop.train`) is handed, from the config: the
-run directory (:class:`~mlx_trm.run_dir.RunDir`: lock, resume, checkpoints, metrics), the
-tokenizer and data, the model and optimizer, the evaluation, and the callbacks that log, show
-progress and save. Nothing non-finite is ever written: a step whose loss, gradient norm or
+This module builds what the loop (:func:`mlx_trm.training.loop.train`) is handed, from the
+config: the run directory (:class:`~mlx_trm.training.run_dir.RunDir`: lock, resume, checkpoints,
+metrics), the tokenizer and data, the model and optimizer, the evaluation, and the callbacks that
+log, show progress and save. Nothing non-finite is ever written: a step whose loss, gradient norm or
 updated weights are not finite stops the run before it is logged or saved. Ctrl-C and SIGTERM
 stop after the current step and save.
-Data parallel: ``mlx.launch -n 2 --backend ring -m mlx_trm.train --config ...`` splits every
+Data parallel: ``mlx.launch -n 2 --backend ring -m mlx_trm.cli.train --config ...`` splits every
 global batch across ranks and sums the gradients; rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import threading
@@ -23,17 +22,17 @@ from typing import Any
 
 import mlx.core as mx
 
-from .blas import prepare_cpu_backend
-from .config import Config, ConfigError, TrainConfig, cli_errors, load_config
-from .data import eval_batches, load_split, stream_batches
+from ..blas import prepare_cpu_backend
+from ..config import Config, ConfigError, TrainConfig
+from ..data.batches import eval_batches, load_split, stream_batches
+from ..data.tokenizer import load_tokenizer
+from ..models import build_model
 from .evaluation import COLLAPSE_NOTE, COLLAPSED_SPREAD, evaluate_batches, make_eval_fn
 from .loop import TrainingCallback, new_state, train
 from .memory import fit_memory
-from .models import build_model
 from .progress import TrainProgress
 from .run_dir import RunDir
 from .step import make_optimizer, total_steps
-from .tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------- building
 
@@ -234,32 +233,3 @@ def run(config: Config, *, quiet: bool = False, max_steps: int | None = None) ->
             raise SystemExit(128 + signals.received)
     say(f"saved {run_dir.model_dir}")
     return run_dir.model_dir
-
-
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="mlx_trm.train", description="Train a tiny recursive language model.",
-        epilog="Overrides: section.key=value, e.g. train.max_steps=200 data.path=stories.txt "
-               "out_dir=runs/x train.resume=true")
-    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument("--quiet", action="store_true", help="no progress display")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    try:
-        run(config, quiet=args.quiet)
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while the run was being set up
-        print("error: interrupted before the first step; nothing was trained", file=sys.stderr)
-        raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as e:  # a write failed: the disk, permissions, a read-only mount
-        print(f"error: {e.strerror or e} ({e.filename or config.out_dir}); the last checkpoint "
-              "is intact: fix that, then resume with train.resume=true", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

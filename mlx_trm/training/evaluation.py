@@ -4,7 +4,8 @@ The model runs as at inference (fresh carry, ``halt_max_steps`` ACT steps) and i
 the training step's loss (:func:`mlx_trm.models.step_loss`); each story is one row as in training
 (end-of-story and padding masked), so the first token of each story is context, never a target.
 Bits per byte divide the summed cross-entropy (in bits) by the UTF-8 bytes of the predicted
-tokens' text.
+tokens' text. :func:`evaluate_adaptive` scores the same batches under generation's per-token
+halting (``mlx_trm.evaluate --adaptive-halt``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import mlx.core as mx
 import numpy as np
 from rich.progress import Progress
 
-from .data import iterate_batches, load_eval_tokens, num_batches
-from .models import Model, initial_carry, step_loss
+from ..data.batches import iterate_batches, load_eval_tokens, num_batches
+from ..generation.adaptive import HaltPolicy, adaptive_forward
+from ..models import Model, act_loss, initial_carry, step_loss
 
 
 def predicted_bytes(tokenizer: Any, labels: np.ndarray) -> int:
@@ -116,3 +118,27 @@ def evaluate_model(model: Any, tokenizer: Any, data: str, *, split: str = "valid
         "accuracy": result["accuracy"],
         "latent_spread": result["latent_spread"],
     }
+
+
+def evaluate_adaptive(model: Any, tokenizer: Any, data: str, policy: HaltPolicy, *,
+                      split: str = "validation", batch_size: int = 16, seq_len: int | None = None,
+                      max_stories: int | None = None, text_field: str = "text",
+                      compile: bool = True) -> dict[str, float]:
+    """Held-out token CE under ``policy`` (the batches and masking of ``evaluate_model``)."""
+    seq_len = seq_len or model.args.seq_len
+    dataset = load_eval_tokens(data, tokenizer, split, text_field=text_field,
+                               max_stories=max_stories)
+    sums = np.zeros(4)  # CE sum, tokens, correct, ACT steps over the predicted tokens
+    for inputs, labels in iterate_batches(dataset, batch_size, seq_len):
+        inputs, labels = mx.array(inputs), mx.array(labels)
+        logits, steps = adaptive_forward(model, inputs, policy, compile=compile)
+        # the one loss (no q head read here): at threshold 0 this is evaluate_model's CE
+        _, m = act_loss({"logits": logits}, labels)
+        counted = (steps * (labels >= 0)).sum()
+        sums += np.array(mx.stack([m["token_ce_sum"], m["n_tokens"].astype(mx.float32),
+                                   m["correct"].astype(mx.float32),
+                                   counted.astype(mx.float32)]), dtype=np.float64)
+    n = max(sums[1], 1.0)
+    return {"stories": dataset.n_stories, "tokens": int(sums[1]), "token_ce": sums[0] / n,
+            "perplexity": math.exp(min(sums[0] / n, 50.0)), "accuracy": sums[2] / n,
+            "act_steps_per_token": sums[3] / n}

@@ -1,11 +1,9 @@
-"""Text generation: ``generate_step`` / ``stream_generate``, the ``mlx_trm.generate`` CLI.
+"""Text generation, mlx-lm's shape: ``generate_step``, ``stream_generate``, ``generate``,
+``batch_generate`` (``mlx_trm.generate`` is this module's :func:`generate`).
 
-    mlx_trm.generate --model DIR --prompt "Once upon a time" --max-tokens 200 --temp 0.8 --top-k 40
-    mlx_trm.generate --model DIR --prompts-file prompts.txt --output stories.jsonl
-
-The shape is mlx-lm's. The decoders (mlx_trm.generation) turn prompts into next-token logits
-through the recursion-aware KV cache; this module samples from them, streams text
-(tokenizer.StreamingDetokenizer) and batches prompts; cli.py holds the shared CLI helpers.
+The decoders (decoders.py, adaptive.py, speculative.py) turn prompts into next-token logits
+through the recursion-aware KV cache; this module samples from them (sampling.py), streams text
+(data.tokenizer.StreamingDetokenizer), batches prompts and reports (stats.py).
 
 Prompts are never given a BOS (the reference has none); an empty prompt starts a story from
 end-of-story (:func:`encode_prompt`), the context a packed training row shows before every story
@@ -18,57 +16,23 @@ and warns when prompt + new tokens go past it.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.sample_utils import make_sampler as _mlx_lm_make_sampler
 
-from .adaptive import add_adaptive_arguments, policy_from_args, steps_line
-from .blas import blas_threads, loaded_blas, prepare_cpu_backend
-from .cli import (
-    add_model_arguments,
-    add_sampling_arguments,
-    add_speculative_arguments,
-    load_for_generation,
-    logits_processors_from_args,
-    read_prompts,
-    speculation_from_args,
-)
-from .config import ConfigError, cli_errors
-from .generation.adaptive import AdaptiveDecoder
-from .generation.decoders import CachedDecoder, Decoder, FullForwardDecoder
-from .generation.speculative import Speculation, SpeculativeDecoder
-from .tokenizer import StreamingDetokenizer, decode_continuation
-
-Sampler = Callable[[mx.array], mx.array]  # log-probabilities [B, V] -> token ids [B]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (token history, logits) -> logits
-
-
-def greedy(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
-
-
-def make_sampler(temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
-                 top_k: int = 0) -> Sampler:
-    """mlx-lm's ``make_sampler`` (top-p, then min-p, then top-k, then temperature), with bad
-    settings refused as one-line errors up front rather than mid-generation."""
-    if temp < 0:
-        raise ConfigError(f"temperature must be >= 0 (got {temp})")
-    if top_k < 0 or not 0.0 <= top_p <= 1.0 or not 0.0 <= min_p <= 1.0:
-        raise ConfigError(f"need top_k >= 0 and top_p, min_p in [0, 1] (got top_k={top_k}, "
-                          f"top_p={top_p}, min_p={min_p})")
-    if temp == 0:
-        return greedy
-    return _mlx_lm_make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+from ..blas import blas_threads
+from ..config import ConfigError
+from ..data.tokenizer import StreamingDetokenizer, decode_continuation
+from .adaptive import AdaptiveDecoder
+from .decoders import CachedDecoder, Decoder, FullForwardDecoder
+from .sampling import LogitsProcessor, Sampler, greedy
+from .speculative import Speculation, SpeculativeDecoder
+from .stats import BatchStats, GenerationResponse, print_stats
 
 
 def make_decoder(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, *,
@@ -172,20 +136,6 @@ def generate_step(prompt: mx.array | Sequence[int], model: nn.Module, *, max_tok
 # Text
 
 
-@dataclass
-class GenerationResponse:
-    """One streamed piece, with mlx-lm's statistics."""
-
-    text: str
-    token: int
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float  # GB
-    finish_reason: str | None = None  # "stop" (end-of-story) or "length" on the last response
-
-
 def fit_max_tokens(model: nn.Module, prompt_tokens: int, max_tokens: int | None) -> int:
     """``max_tokens`` as asked, or by default what the trained length leaves after the prompt
     (at least 1: a prompt of exactly ``seq_len`` tokens still gets one, with the warning)."""
@@ -263,29 +213,8 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str | Sequence[int],
     return text
 
 
-def print_stats(r: GenerationResponse | BatchStats, file: Any = None) -> None:
-    """mlx-lm's statistics block."""
-    file = file or sys.stdout
-    print("=" * 10, file=file)
-    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
-    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
-          file=file)
-    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
-
-
 # ----------------------------------------------------------------------------------------------
 # Batches of prompts
-
-
-@dataclass
-class BatchStats:
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0
-    prompt_time: float = 0.0
-    generation_time: float = 0.0
 
 
 @dataclass
@@ -341,115 +270,3 @@ def batch_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Seq
     stats.peak_memory = mx.get_peak_memory() / 1e9
     texts = [decode_continuation(tokenizer, p, r) for p, r in zip(encoded, out_tokens)]
     return BatchResult(texts, out_tokens, reasons, stats)
-
-
-def decoding_lines(halt_policy: Any = None, speculation: Speculation | None = None) -> list[str]:
-    """The statistics lines of adaptive halting and speculative decoding, after mlx-lm's."""
-    lines = [steps_line(halt_policy)] if halt_policy is not None else []
-    return lines + ([speculation.line()] if speculation is not None else [])
-
-
-def _batch_main(args: argparse.Namespace, model: nn.Module, tokenizer: Any,
-                sampler: Sampler, decoding: dict) -> None:
-    prompts = read_prompts(args.prompts_file)
-    longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
-    args.max_tokens = fit_max_tokens(model, longest, args.max_tokens)
-    warning = check_length(model, longest, args.max_tokens)
-    if warning:
-        print(warning, file=sys.stderr)
-    result = batch_generate(model, tokenizer, prompts, args.max_tokens, batch_size=args.batch_size,
-                            ignore_eos=args.ignore_eos, sampler=sampler,
-                            use_cache=not args.no_cache, compile=not args.no_compile,
-                            logits_processors=logits_processors_from_args(args), **decoding)
-    settings = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
-                "min_p": args.min_p, "seed": args.seed,
-                "repetition_penalty": args.repetition_penalty,
-                "halt_max_steps": model.args.halt_max_steps, "L_cycles": model.args.L_cycles}
-    lines = [json.dumps({"id": i, "prompt": p, "completion": text.rstrip(),
-                         "generation_tokens": len(ids), "finish_reason": reason, **settings})
-             for i, (p, text, ids, reason) in enumerate(
-                 zip(prompts, result.texts, result.tokens, result.finish_reasons))]
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        print(f"wrote {len(lines)} stories to {out}")
-        print_stats(result.stats)
-        for line in decoding_lines(**decoding):
-            print(line)
-    else:  # JSON lines on stdout, statistics on stderr
-        for line in lines:
-            print(line)
-        print_stats(result.stats, file=sys.stderr)
-        for line in decoding_lines(**decoding):
-            print(line, file=sys.stderr)
-
-
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="mlx_trm.generate",
-        description="Continue a story with a (recursive) TRM model, mlx-lm style.")
-    add_model_arguments(parser)
-    parser.add_argument("--prompt", default="",
-                        help="text to continue (default: none, a story from nothing)")
-    parser.add_argument("--max-tokens", "-m", type=int, default=None,
-                        help="new tokens at most (stops earlier at end-of-story; default: what "
-                             "the model's seq_len leaves after the prompt)")
-    add_sampling_arguments(parser)
-    parser.add_argument("--no-cache", action="store_true",
-                        help="re-run the whole sequence per token, as the reference (slow)")
-    parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
-    parser.add_argument("--ignore-eos", action="store_true",
-                        help="do not stop at end-of-story (benchmarking)")
-    parser.add_argument("--prompts-file", default=None,
-                        help="batch mode: prompts, one per line (or .jsonl with 'prompt')")
-    parser.add_argument("--output", default=None,
-                        help="batch mode: write JSON lines here (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=16, help="batch mode: prompts at once")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print the model, its cache slots and the BLAS first")
-    add_adaptive_arguments(parser)
-    add_speculative_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.max_tokens is not None and (args.max_tokens == 0 or args.max_tokens < -1):
-        raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
-
-    prepare_cpu_backend()
-    model, tokenizer = load_for_generation(args)
-    decoding = dict(halt_policy=policy_from_args(model, args),
-                    speculation=speculation_from_args(model, tokenizer, args))
-    sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    if args.verbose:
-        a = model.args
-        print(f"model: {a.name} ({a.kind}), halt_max_steps={a.halt_max_steps}, "
-              f"H_cycles={a.H_cycles}, L_cycles={a.L_cycles}, L_layers={a.L_layers}, "
-              f"cache slots: {model.num_cache_slots if not args.no_cache else 'off'}, "
-              f"compiled: {not args.no_cache and not args.no_compile}, BLAS: {loaded_blas()}")
-    if args.prompts_file:
-        return _batch_main(args, model, tokenizer, sampler, decoding)
-
-    ids = encode_prompt(tokenizer, args.prompt)
-    args.max_tokens = fit_max_tokens(model, len(ids), args.max_tokens)
-    warning = check_length(model, len(ids), args.max_tokens)
-    if warning:
-        print(warning, file=sys.stderr)
-    print("=" * 10)
-    print(args.prompt, end="", flush=True)
-    response = None
-    for response in stream_generate(model, tokenizer, ids, args.max_tokens, sampler=sampler,
-                                    ignore_eos=args.ignore_eos, use_cache=not args.no_cache,
-                                    compile=not args.no_compile, **decoding,
-                                    logits_processors=logits_processors_from_args(args)):
-        print(response.text, end="", flush=True)
-    print()
-    if response is not None:
-        print_stats(response)
-        for line in decoding_lines(**decoding):
-            print(line)
-
-
-if __name__ == "__main__":
-    main()

@@ -38,7 +38,7 @@ import sentencepiece as spm
 from mlx_trm.config import ConfigError
 from mlx_trm.files import atomic_write
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 DEFAULT_TOKENIZER = ASSET_DIR / "tokenizer.model"
 EOS_PIECE = "<|endoftext|>"
 GPT_NEO_NAME = "gpt-neo-10k"

@@ -3,9 +3,8 @@
 These are story models, not instruction-tuned assistants, so "chat" means writing a story
 together: every line you type is appended to the running text and the model continues it until
 end-of-story or ``--max-tokens``; its continuation joins the text too. An empty line lets the model
-go on by itself (as the first line: it starts a story from nothing). When the text outgrows the
-model's trained length (``seq_len``), the oldest tokens are dropped so that text + new tokens fit
-(a sliding window).
+go on by itself (as the first line: it starts a story from nothing). The story itself is
+``mlx_trm.generation.session.StorySession`` (with its sliding window past ``seq_len``).
 
 Commands: /reset (start a new story), /temp T, /max-tokens N, /stats (statistics after each reply
 on/off), /help, /quit. Reads standard input, so it also runs from a pipe or a script.
@@ -15,31 +14,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from .adaptive import add_adaptive_arguments, policy_from_args
-from .blas import prepare_cpu_backend
-from .cli import (
+from ..config import ConfigError, cli_errors
+from .arguments import (
+    add_adaptive_arguments,
     add_model_arguments,
     add_sampling_arguments,
     add_speculative_arguments,
-    load_for_generation,
-    logits_processors_from_args,
-    speculation_from_args,
 )
-from .config import ConfigError, cli_errors
-from .generate import (
-    GenerationResponse,
-    decoding_lines,
-    encode_prompt,
-    make_sampler,
-    print_stats,
-    stream_generate,
-)
+
+if TYPE_CHECKING:
+    from ..generation.session import StorySession
 
 HELP = """\
 Type text and the model continues the story; an empty line lets it go on (or begin).
@@ -51,64 +37,9 @@ Type text and the model continues the story; an empty line lets it go on (or beg
   /quit           leave (so does end of input)"""
 
 
-class StorySession:
-    """The running story as token ids, and the settings of the next reply."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_tokens: int = 200,
-                 temp: float = 0.7, top_k: int = 40, top_p: float = 0.0, min_p: float = 0.0,
-                 compile: bool = True, halt_policy: Any = None, speculation: Any = None,
-                 logits_processors: list[Any] | None = None):
-        self.model, self.tokenizer = model, tokenizer
-        self.halt_policy = halt_policy  # per-token halting (None: all steps)
-        self.speculation = speculation  # speculative decoding (None: off)
-        self.top_k, self.top_p, self.min_p = top_k, top_p, min_p
-        self.compile = compile
-        self.logits_processors = logits_processors  # mlx-lm's (--repetition-penalty)
-        self.context: list[int] = []
-        self.dropped = 0  # tokens slid out of the window so far
-        self.stats = False  # print statistics after each reply
-        self.last: GenerationResponse | None = None  # the last reply's final response
-        self.set_temp(temp)
-        self.set_max_tokens(max_tokens)
-
-    def set_temp(self, temp: float) -> None:
-        self.sampler = make_sampler(temp, self.top_p, self.min_p, self.top_k)
-        self.temp = temp
-
-    def set_max_tokens(self, n: int) -> None:
-        seq_len = self.model.args.seq_len
-        if not 1 <= n < seq_len:
-            raise ConfigError(f"max tokens must be in [1, {seq_len - 1}] (the model's seq_len is "
-                              f"{seq_len}; some room must be left for the story so far)")
-        self.max_tokens = n
-
-    def reset(self) -> None:
-        self.context = []
-        self.dropped = 0
-
-    def reply(self, text: str) -> Iterator[GenerationResponse]:
-        """Append ``text`` to the story and stream the model's continuation."""
-        self.context += self.tokenizer.encode(text) if text else []
-        if not self.context:  # an empty first line: a story from nothing (see encode_prompt)
-            self.context = encode_prompt(self.tokenizer, "")
-        window = self.model.args.seq_len - self.max_tokens
-        if len(self.context) > window:  # slide: keep the most recent tokens
-            self.dropped += len(self.context) - window
-            self.context = self.context[-window:]
-        if self.halt_policy is not None:  # steps per token of this reply
-            self.halt_policy.tokens = self.halt_policy.act_steps = 0
-        for response in stream_generate(self.model, self.tokenizer, self.context,
-                                        self.max_tokens, sampler=self.sampler,
-                                        compile=self.compile, halt_policy=self.halt_policy,
-                                        speculation=self.speculation,
-                                        logits_processors=self.logits_processors):
-            if response.finish_reason != "stop":
-                self.context.append(response.token)
-            self.last = response
-            yield response
-
-
 def print_session_stats(session: StorySession, file: TextIO) -> None:
+    from ..generation.stats import decoding_lines, print_stats
+
     print_stats(session.last, file=file)
     for line in decoding_lines(session.halt_policy, session.speculation):
         print(line, file=file)
@@ -172,8 +103,8 @@ def repl(session: StorySession, stdin: TextIO, out: TextIO) -> None:
             print(f"error: {e}", file=out)
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``mlx_trm.chat`` (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(
         prog="mlx_trm.chat",
         description="Write a story together with a TRM model (reads lines from standard input).")
@@ -186,21 +117,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
     add_adaptive_arguments(parser)
     add_speculative_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
 
-    prepare_cpu_backend()
-    model, tokenizer = load_for_generation(args)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # mlx, mlx-lm and the model only now: --help answers at once
+    from ..generation.session import StorySession
+    from .loading import load_for_decoding
+
+    model, tokenizer, decoding, processors = load_for_decoding(args)
     max_tokens = args.max_tokens
     if max_tokens is None:  # 200, unless that leaves the story so far too little room
         max_tokens = max(1, min(200, model.args.seq_len // 2))
     session = StorySession(model, tokenizer, max_tokens=max_tokens, temp=args.temp,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                           compile=not args.no_compile,
-                           halt_policy=policy_from_args(model, args),
-                           speculation=speculation_from_args(model, tokenizer, args),
-                           logits_processors=logits_processors_from_args(args))
+                           compile=not args.no_compile, logits_processors=processors,
+                           **decoding)
     session.stats = args.stats
     repl(session, sys.stdin, sys.stdout)
 

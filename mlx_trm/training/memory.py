@@ -23,10 +23,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import Config
-from .kernels import metal_kernels
-from .models import Model, initial_carry, step_loss
-from .models.loss import plan_chunk_rows
+from ..config import Config
+from ..kernels import metal_kernels
+from ..models import Model, initial_carry, step_loss
+from ..models.loss import plan_chunk_rows
 
 GB = 1e9
 # The probes run uncompiled; a compiled step's peak has come out up to ~25% above the estimate

@@ -26,8 +26,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from .config import TrainConfig
-from .models import Model, initial_carry
+from ..config import TrainConfig
+from ..models import Model, initial_carry
 from .step import learning_rate, make_step_functions, total_steps, train_step
 
 

@@ -17,9 +17,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .config import TrainConfig
-from .models import Model, step_loss
-from .models.router import routers
+from ..config import TrainConfig
+from ..models import Model, step_loss
+from ..models.router import routers
 
 
 def total_steps(tc: TrainConfig) -> int:

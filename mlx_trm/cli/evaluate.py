@@ -1,7 +1,8 @@
 """Held-out loss of a model directory: ``mlx_trm.evaluate --model DIR --data PATH``.
 
-Prints token cross-entropy (nats), perplexity and bits per byte, as ``mlx_trm.evaluation``
-computes them (with ``--halt-*``, ``mlx_trm.adaptive``'s per-token halting).
+Prints token cross-entropy (nats), perplexity and bits per byte, as
+``mlx_trm.training.evaluation`` computes them (with ``--adaptive-halt``, under generation's
+per-token halting).
 """
 
 from __future__ import annotations
@@ -9,15 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .adaptive import add_adaptive_arguments, evaluate_adaptive, policy_from_args
-from .blas import prepare_cpu_backend
-from .cli import add_model_arguments, load_for_generation
-from .config import cli_errors
-from .evaluation import COLLAPSE_NOTE, COLLAPSED_SPREAD, evaluate_model
+from ..config import cli_errors
+from .arguments import add_adaptive_arguments, add_model_arguments
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``mlx_trm.evaluate`` (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(prog="mlx_trm.evaluate",
                                      description="Held-out cross-entropy of a model directory.")
     add_model_arguments(parser, required=True)
@@ -27,7 +25,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=None, help="default: the model's")
     add_adaptive_arguments(parser)
+    return parser
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    # mlx, mlx-lm and the model only now: --help answers at once
+    from ..blas import prepare_cpu_backend
+    from ..training.evaluation import (
+        COLLAPSE_NOTE,
+        COLLAPSED_SPREAD,
+        evaluate_adaptive,
+        evaluate_model,
+    )
+    from .loading import load_for_generation, policy_from_args
+
     prepare_cpu_backend()
     model, tokenizer = load_for_generation(args)
     policy = policy_from_args(model, args)

@@ -34,7 +34,7 @@ import mlx.optimizers as optim
 import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checkpoint import (
+from ..checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     load_weights_strict,
@@ -43,8 +43,8 @@ from .checkpoint import (
     safetensors_problem,
     save,
 )
-from .config import Config, ConfigError, config_from_dict, load_config
-from .files import atomic_write, replacement_leftovers
+from ..config import Config, ConfigError, config_from_dict, load_config
+from ..files import atomic_write, replacement_leftovers
 
 MODEL_SUBDIR = "model"
 TRAIN_STATE = "train_state"

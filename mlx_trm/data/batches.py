@@ -21,7 +21,7 @@ followed by 0; rows overlap by one token so every token is a label exactly once,
 not fit continues on the next row, the last row is padded. Labels still mask 0, so the model is
 not trained to emit end-of-story in either mode.
 
-Stories are read by :mod:`mlx_trm.sources`.
+Stories are read by :mod:`mlx_trm.data.sources`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlx_trm.config import ConfigError
-from mlx_trm.sources import (
+from mlx_trm.data.sources import (
     _CHUNK,
     Progress,
     Source,
@@ -53,7 +53,7 @@ from mlx_trm.sources import (
 
 if TYPE_CHECKING:
     from mlx_trm.config import DataConfig
-    from mlx_trm.tokenizer import Tokenizer
+    from mlx_trm.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 1

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write
-from .tokenizer import EOS_PIECE, SentencePieceTokenizer
+from ..data.tokenizer import EOS_PIECE, SentencePieceTokenizer
+from ..files import atomic_write
 
 MODEL_FILE = "mlx_lm_model.py"
 UNSUPPORTED_KEY = "mlx_lm_unsupported"
@@ -25,7 +25,7 @@ MODEL_FILE_SOURCE = '''\
 
 ``mlx_lm.generate/chat/server --model DIR --trust-remote-code`` run this file. It only imports the
 architecture and the tokenizer class (tokenizer_config.json's ``auto_map``) from the installed
-``mlx_trm`` package; see mlx_trm/interop.py and mlx_trm/story_tokenizer.py there.
+``mlx_trm`` package; see mlx_trm/interop/ and mlx_trm/story_tokenizer.py there.
 """
 
 import importlib.util
@@ -142,6 +142,22 @@ def _converted(tokenizer: SentencePieceTokenizer) -> tuple[str, str | None]:
     return cached
 
 
+def stale_tokenizer_note(dir: Path) -> str | None:
+    """One line when ``dir``'s tokenizer_config.json predates ``StoryTokenizer`` (no
+    ``auto_map``): there an empty prompt is zero tokens, which stops mlx_lm.server's generation
+    thread for every client, so the directory should be refreshed."""
+    path = Path(dir) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # no mlx-lm files (or not ours to judge): nothing to refresh
+    if "auto_map" in config:
+        return None
+    return (f"{dir}: its mlx-lm files predate StoryTokenizer, so under mlx_lm.server an empty "
+            f"prompt stops generation for every client; refresh them (weights untouched): "
+            f"python -m mlx_trm.cli.interop {dir}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing a directory
 
@@ -162,7 +178,7 @@ def write_mlx_lm_files(dir: Path, config: dict[str, Any], tokenizer: Any) -> Non
     problem = None
     if tokenizer is None:
         problem = ("it has no tokenizer; save it with one (mlx_trm.convert --tokenizer ...), "
-                   f"then run python -m mlx_trm.interop {dir}")
+                   f"then run python -m mlx_trm.cli.interop {dir}")
     elif not isinstance(tokenizer, SentencePieceTokenizer):
         problem = ("its gpt-neo-10k tokenizer remaps GPT-Neo's ids, which transformers' "
                    "AutoTokenizer cannot reproduce; use mlx_trm.generate / mlx_trm.chat, or "

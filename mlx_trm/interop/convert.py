@@ -1,7 +1,7 @@
 """Convert between the reference's PyTorch checkpoints and mlx-trm model directories.
 
-    mlx_trm.convert --torch-to-mlx runs/.../step_N.pt OUT_DIR [--tokenizer PATH]
-    mlx_trm.convert --mlx-to-torch MODEL_DIR OUT.pt
+    torch_to_mlx("runs/.../step_N.pt", OUT_DIR, tokenizer=None)  # mlx_trm.convert --torch-to-mlx
+    mlx_to_torch(MODEL_DIR, "OUT.pt")                              # mlx_trm.convert --mlx-to-torch
 
 A reference checkpoint is ``{"model_state_dict", "config", "step", "sequences_consumed"}``, as
 its ``pretrain_text.save_checkpoint`` writes it: parameter keys under ``model.inner.`` (the loss
@@ -33,7 +33,6 @@ What ``--mlx-to-torch`` writes loads in the reference's own ``generate_stories.p
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from dataclasses import asdict
@@ -43,7 +42,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint import (
+from ..checkpoint import (
     load,
     load_weights_strict,
     model_weights,
@@ -51,10 +50,10 @@ from .checkpoint import (
     resolve_model_dir,
     save,
 )
-from .config import ConfigError, ModelConfig, TrainConfig, cli_errors, model_config_from_dict
-from .models import build_model
-from .models.moe import to_reference_names
-from .tokenizer import GPTNeo10kTokenizer, SentencePieceTokenizer, load_tokenizer
+from ..config import ConfigError, ModelConfig, TrainConfig, model_config_from_dict
+from ..data.tokenizer import GPTNeo10kTokenizer, SentencePieceTokenizer, load_tokenizer
+from ..models import build_model
+from ..models.moe import to_reference_names
 
 PREFIX = "model.inner."
 REFERENCE_ARCH = "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"
@@ -297,29 +296,3 @@ def mlx_to_torch(model_dir: str | Path, out_path: str | Path) -> Path:
     torch.save({"model_state_dict": state, **extras}, tmp)
     tmp.replace(out_path)
     return out_path
-
-
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="mlx_trm.convert",
-        description="Convert reference PyTorch checkpoints to mlx-trm model directories and back.")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--torch-to-mlx", nargs=2, metavar=("CHECKPOINT.pt", "OUT_DIR"))
-    group.add_argument("--mlx-to-torch", nargs=2, metavar=("MODEL_DIR", "OUT.pt"))
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer to store with a converted model (path, or gpt-neo-10k)")
-    args = parser.parse_args(argv)
-    if args.torch_to_mlx:
-        src, dst = args.torch_to_mlx
-        out = torch_to_mlx(src, dst, args.tokenizer)
-        print(f"wrote {out}")
-        if args.tokenizer is None:
-            print(f"note: no tokenizer stored (the reference used gpt-neo-10k); {TOKENIZER_HINT}")
-    else:
-        src, dst = args.mlx_to_torch
-        print(f"wrote {mlx_to_torch(src, dst)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -54,7 +54,7 @@ _CHUNK = 4096  # stories per read (and per tokenizer call in mlx_trm.data)
 
 # data.path naming the shipped sample (a local file or folder of that name wins)
 SAMPLE = "tinystories-sample"
-SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "tinystories"
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "assets" / "tinystories"
 
 # progress(stories_done, work_done, work_total): work is input bytes (files) or rows (hub)
 Progress = Callable[[int, float, float], None]

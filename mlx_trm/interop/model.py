@@ -7,14 +7,15 @@ mlx-lm (0.32) builds a custom architecture when ``config.json`` names a ``model_
 user passes ``--trust-remote-code``: it imports ``Model`` and ``ModelArgs`` from that file, calls
 ``ModelArgs.from_dict(config)``, ``Model(args)``, loads ``model*.safetensors`` and builds the cache
 with ``model.make_cache()``. The tokenizer comes from transformers' ``AutoTokenizer``. So a
-directory needs, next to our own files (:func:`write_mlx_lm_files`):
+directory needs, next to our own files (written with it: ``mlx_trm.checkpoint.mlx_lm_files``):
 
-- ``mlx_lm_model.py``: two imports from this module; the code stays in the installed package;
+- ``mlx_lm_model.py``: two imports from ``mlx_trm.interop``; the code stays in the installed
+  package;
 - ``config.json`` + ``model_file`` and ``eos_token_id`` (0, ``<|endoftext|>``);
 - ``tokenizer.json`` + ``tokenizer_config.json``: our SentencePiece BPE rebuilt with the
-  ``tokenizers`` library (same ids, same text; see :func:`hf_tokenizer`).
+  ``tokenizers`` library (same ids, same text; see ``mlx_lm_files.hf_tokenizer``).
 
-The cache is one stock ``mlx_lm.models.cache.KVCache`` per layer application (models/cache.py
+The cache is one stock ``mlx_lm.models.cache.KVCache`` per layer application (generation/cache.py
 says why that is exact), so mlx-lm's batched generation (``batch_generate``, the server's
 continuous batching, ``mlx_lm.benchmark -b N``), prompt-cache files, the server's prompt-cache
 trimming and ``--kv-bits`` work unchanged. A one-token forward over those slots runs our compiled
@@ -25,27 +26,23 @@ Directories with the gpt-neo-10k tokenizer (or
 none) get ``mlx_lm_unsupported`` in config.json, and loading them in mlx-lm stops with that reason.
 
 Existing directories (saved before this module) are upgraded in place with
-``python -m mlx_trm.interop DIR``.
+``python -m mlx_trm.cli.interop DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 from dataclasses import asdict
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models import cache as lm_cache
 
-from .checkpoint import load_dir_tokenizer, read_model_config, resolve_model_dir
-from .config import ConfigError, ModelConfig, cli_errors, model_config_from_dict
-from .generation.decoders import WINDOW_BLOCK, compiled_decode_step, round_up
-from .kernels import metal_kernels
-from .mlx_lm_files import UNSUPPORTED_KEY, write_mlx_lm_files
-from .models.trm import Model as TRMModel
+from ..checkpoint.mlx_lm_files import UNSUPPORTED_KEY
+from ..config import ModelConfig, model_config_from_dict
+from ..generation.decoders import WINDOW_BLOCK, compiled_decode_step, round_up
+from ..kernels import metal_kernels
+from ..models.trm import Model as TRMModel
 
 # ----------------------------------------------------------------------------------------------
 # The architecture as mlx-lm sees it
@@ -161,24 +158,3 @@ def _quiet_transformers_config_warning() -> None:
     logger = logging.getLogger("transformers.configuration_utils")
     if not any(isinstance(f, _TrmConfigWarningFilter) for f in logger.filters):
         logger.addFilter(_TrmConfigWarningFilter())
-
-
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
-    """``python -m mlx_trm.interop DIR``: add the mlx-lm files to an existing model directory."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mlx_trm.interop",
-        description="Make an mlx-trm model directory loadable by mlx-lm (--trust-remote-code).")
-    parser.add_argument("model", help="model directory (or a training run directory)")
-    args = parser.parse_args(argv)
-    path = resolve_model_dir(args.model)
-    _, raw = read_model_config(path)
-    write_mlx_lm_files(path, raw, load_dir_tokenizer(path))
-    if reason := json.loads((path / "config.json").read_text()).get(UNSUPPORTED_KEY):
-        raise ConfigError(f"{path}: mlx-lm cannot serve it: {reason}")
-    print(f"{path}: mlx-lm files written; try: mlx_lm.generate --model {path} "
-          '--trust-remote-code --prompt "Once upon a time"')
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
