@@ -9,6 +9,9 @@ Prompts: the first ``--prompt-tokens`` tokens of the first ``--prompts`` validat
 change on the machine touches them all alike. Decode tok/s: generated tokens over the time from
 the first token to the last (the prefill is not counted, as mlx-lm's "Generation" figure).
 Each setting's ids are checked against the plain decoder's, token for token.
+
+``--costs``: instead, one draft pass and one verification pass of each (N, K), timed alone
+against one plain decode step: what a round costs, in plain steps.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_trm.blas import prepare_cpu_backend  # noqa: E402
+import mlx.core as mx  # noqa: E402
+
+from mlx_trm.blas import blas_threads, prepare_cpu_backend  # noqa: E402
 from mlx_trm.checkpoint import load  # noqa: E402
 from mlx_trm.data.batches import load_eval_tokens  # noqa: E402
+from mlx_trm.generation.decoders import CachedDecoder  # noqa: E402
 from mlx_trm.generation.generate import generate_tokens  # noqa: E402
-from mlx_trm.generation.speculative import speculation  # noqa: E402
+from mlx_trm.generation.speculative import SpeculativeDecoder, speculation  # noqa: E402
 
 
 def decode(model, prompt: list[int], max_tokens: int, spec=None) -> tuple[list[int], float]:
@@ -37,6 +43,54 @@ def decode(model, prompt: list[int], max_tokens: int, spec=None) -> tuple[list[i
         if first is None:
             first = time.perf_counter()
     return ids, time.perf_counter() - first
+
+
+def _ms(fn, calls: int) -> float:
+    """Best of three timings of ``calls`` evaluated calls, in ms per call (after a warm-up)."""
+    for _ in range(3):
+        mx.eval(fn())
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            mx.eval(fn())
+        best = min(best, (time.perf_counter() - start) / calls * 1000)
+    return best
+
+
+def pass_costs(spec: SpeculativeDecoder, y: mx.array, k: int) -> tuple[float, float]:
+    """ms of one draft pass (one position) and one verification pass (k + 1 positions)."""
+    z = mx.zeros((1, k + 1, spec.model.args.hidden_size))
+    ids = mx.zeros((1, k + 1), dtype=mx.int32)
+    draft = _ms(lambda: spec.run(spec.draft_pass, y, spec.cache[:spec.split])[0], 30)
+    verify = _ms(lambda: spec.run(spec.verify_pass, ids, spec.cache[spec.split:], z, z)[0], 15)
+    return draft, verify
+
+
+def round_costs(model, prompt: list[int], draft_steps: list[int], ks: list[int]) -> None:
+    """One draft pass and one verification pass against one plain decode step, batch 1 (the
+    same cache column is written again each call)."""
+    y = mx.array([prompt[-1]])
+    plain = CachedDecoder(model, [prompt], 64)
+    plain.prefill()
+
+    def plain_step():
+        logits = plain(y)
+        plain.rewind(1)
+        return logits
+
+    base = _ms(plain_step, 30)
+    print(f"plain decode step: {base:.2f} ms; in brackets: x the plain step")
+    print("| N | K | draft pass ms | verification ms | round (K+1 drafts + 1 verification) |")
+    print("|---|---|---|---|---|")
+    for n in draft_steps:
+        for k in ks:
+            spec = SpeculativeDecoder(model, [prompt], 64,
+                                      speculation=speculation(model, k, draft_steps=n))
+            spec.prefill()
+            draft, verify = pass_costs(spec, y, k)
+            print(f"| {n} | {k} | {draft:.2f} ({draft / base:.2f}) | {verify:.2f} "
+                  f"({verify / base:.2f}) | {((k + 1) * draft + verify) / base:.2f} |")
 
 
 def settings(args, model) -> list[tuple[str, dict]]:
@@ -64,12 +118,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--draft-model", default=None, help="also draft with this model")
     parser.add_argument("--json", type=Path, default=None, help="write the records here")
+    parser.add_argument("--costs", action="store_true",
+                        help="only time one draft pass and one verification pass per setting "
+                             "against one plain decode step")
     args = parser.parse_args(argv)
 
     prepare_cpu_backend()
     model, tokenizer = load(args.model)
     valid = load_eval_tokens(args.data, tokenizer, "validation", max_stories=args.prompts)
     prompts = [valid.story(i)[:args.prompt_tokens].tolist() for i in range(args.prompts)]
+    if args.costs:
+        with blas_threads(1):  # as generate_tokens decodes
+            round_costs(model, prompts[0], args.draft_steps, args.num_draft_tokens)
+        return []
     runs = settings(args, model)
     stats = {name: dict(tokens=0, seconds=0.0, same=0, spec=None) for name, _ in runs}
     for _, kw in runs:  # warm-up: every compiled function traced once

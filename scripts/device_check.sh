@@ -7,11 +7,12 @@
 #   bash scripts/device_check.sh --no-install   # with the packages already installed
 #   bash scripts/device_check.sh --dry-run      # the same steps at tiny sizes, no install, on the
 #                                               # default device (the CPU without a GPU; a test)
-#   --out FILE                                  # the table (default benchmarks/results/device_check.md)
+#   --out FILE                                  # the table (default benchmarks/results/device_check.md;
+#                                               # a dry run's: $TMPDIR/device_check_dry_run.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-DRY=0 INSTALL=1 OUT=benchmarks/results/device_check.md
+DRY=0 INSTALL=1 OUT=
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 INSTALL=0 ;;
@@ -21,6 +22,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+# a dry run's table is a check, not a result: it stays out of the repository
+[ -n "$OUT" ] || { [ $DRY = 1 ] && OUT=${TMPDIR:-/tmp}/device_check_dry_run.md || OUT=benchmarks/results/device_check.md; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 BLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3  # MLX's Linux CPU backend only
 if [ "$(uname -s)" = Linux ] && [ -f "$BLAS" ] && [ -z "${LD_PRELOAD:-}" ]; then

@@ -131,3 +131,21 @@ def test_train_records_checkpointing_and_max_rss(tmp_path: Path) -> None:
     (r,) = json.loads(out.read_text())
     assert r["variant"] == "compiled +ckpt" and r["checkpoint_activations"] is True
     assert r["max_rss_gb"] > 0 and r["estimated_peak_gb"] > 0
+
+
+def test_speculative_benchmark_checks_ids_and_times_a_round(tmp_path: Path, capsys) -> None:
+    """benchmarks/speculative.py on a tiny dense TRM + ACT: every setting's ids are the plain
+    decoder's (it counts them), and --costs times one draft and one verification pass."""
+    import speculative
+    from conftest import save_small_model
+
+    model = save_small_model(tmp_path / "model", seq_len=48)
+    common = ["--model", str(model), "--prompts", "2", "--prompt-tokens", "4",
+              "--draft-steps", "1", "--num-draft-tokens", "2", "3"]
+    records = speculative.main([*common, "--max-tokens", "8"])
+    assert [r["setting"] for r in records] == ["plain", "N=1 K=2", "N=1 K=3"]
+    assert all(r["identical"] == 2 for r in records)
+    assert all(r["emitted"] >= r["rounds"] for r in records[1:])
+    assert speculative.main([*common, "--costs"]) == []
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("| 1 | 2 |") and lines[-1].startswith("| 1 | 3 |")

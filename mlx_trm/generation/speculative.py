@@ -135,8 +135,9 @@ class SpeculativeDecoder(CachedDecoder):
                                          prefill_step_size=prefill_step_size)
         else:
             self.split = speculation.draft_steps * model.args.layer_applications_per_act_step
-        self._draft = self._compiled("draft", _draft_step)
-        self._verify = self._compiled(("verify", K), _verify_step)
+        # one position through the draft's ACT steps, and K + 1 positions through the rest
+        self.draft_pass = self._compiled("draft", _draft_step)
+        self.verify_pass = self._compiled(("verify", K), _verify_step)
 
     def _compiled(self, name: Any, make: Any) -> Any:
         if not self.compile:
@@ -155,7 +156,7 @@ class SpeculativeDecoder(CachedDecoder):
         inputs = mx.stack([y, *drafts], axis=1)  # the K + 1 positions the round writes
         if z_H is None:  # a separate draft model: the verifier runs every ACT step
             z_H, z_L = self.model.initial_latents(B, K + 1)
-        logits, = self.run(self._verify, inputs, self.cache[self.split:], z_H, z_L)
+        logits, = self.run(self.verify_pass, inputs, self.cache[self.split:], z_H, z_L)
         tokens, logprobs = sample(logits.reshape(B * (K + 1), -1))
         tokens, logprobs = tokens.reshape(B, K + 1), logprobs.reshape(B, K + 1, -1)
         agree = (mx.stack(drafts, axis=1) == tokens[:, :K]).astype(mx.int32)
@@ -184,7 +185,7 @@ class SpeculativeDecoder(CachedDecoder):
             if self.drafter is not None:
                 logits = self.drafter(x)
             else:
-                logits, h, l_ = self.run(self._draft, x, self.cache[:self.split])
+                logits, h, l_ = self.run(self.draft_pass, x, self.cache[:self.split])
                 self.positions.advance(1)
                 self.length += 1
                 z_H.append(h.reshape(h.shape[0], -1))

@@ -173,7 +173,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, cache: Any = 
 
     One contract serves mlx-lm's caches (``KVCache``, the left-padded ``BatchKVCache`` of its
     batched generation, ``QuantizedKVCache``) and the compiled decoder's fixed-capacity slots
-    (models/cache.py): the cache decides the mask (``cache.make_mask(T, ...)``: ``"causal"``,
+    (generation/cache.py): the cache decides the mask (``cache.make_mask(T, ...)``: ``"causal"``,
     None for one query, or a boolean array hiding left padding and unwritten columns) and mlx-lm's
     ``scaled_dot_product_attention`` runs the quantized kernel when the cache holds quantized
     keys and values (``--kv-bits``).
