@@ -10,7 +10,8 @@ from ..config import ConfigError, cli_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The arguments of ``python -m mlx_trm.cli.interop`` (the docs' commands are checked against it)."""
+    """The arguments of ``python -m mlx_trm.cli.interop`` (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(
         prog="python -m mlx_trm.cli.interop",
         description="Make an mlx-trm model directory loadable by mlx-lm (--trust-remote-code).")
