@@ -89,3 +89,10 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> None:
                         "q: q_continue - q_halt, 0 = the model's rule)")
     parser.add_argument("--min-halt-steps", type=int, default=1,
                         help="ACT steps every token runs before it may halt (default 1)")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """How generate and chat decode: compiled or not, per-token halting, speculative recursion."""
+    parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    add_adaptive_arguments(parser)
+    add_speculative_arguments(parser)

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, TextIO
 
 from ..config import ConfigError, cli_errors
 from .arguments import (
-    add_adaptive_arguments,
+    add_decoding_arguments,
     add_model_arguments,
     add_sampling_arguments,
-    add_speculative_arguments,
 )
 
 if TYPE_CHECKING:
@@ -114,16 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "seq_len if that is less, so the story so far keeps room)")
     add_sampling_arguments(parser, temp=0.7, top_k=40)
     parser.add_argument("--stats", action="store_true", help="statistics after each reply")
-    parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
-    add_adaptive_arguments(parser)
-    add_speculative_arguments(parser)
+    add_decoding_arguments(parser)
     return parser
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     # mlx, mlx-lm and the model only now: --help answers at once
     from ..generation.session import StorySession
     from .loading import load_for_decoding

@@ -29,8 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from ..interop.convert import TOKENIZER_HINT, mlx_to_torch, torch_to_mlx  # after parsing
 
     if args.torch_to_mlx:

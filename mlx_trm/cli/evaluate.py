@@ -30,8 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     # mlx, mlx-lm and the model only now: --help answers at once
     from ..blas import prepare_cpu_backend
     from ..training.evaluation import (

@@ -18,10 +18,9 @@ from typing import Any
 
 from ..config import ConfigError, cli_errors
 from .arguments import (
-    add_adaptive_arguments,
+    add_decoding_arguments,
     add_model_arguments,
     add_sampling_arguments,
-    add_speculative_arguments,
     read_prompts,
 )
 
@@ -79,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(parser)
     parser.add_argument("--no-cache", action="store_true",
                         help="re-run the whole sequence per token, as the reference (slow)")
-    parser.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="do not stop at end-of-story (benchmarking)")
     parser.add_argument("--prompts-file", default=None,
@@ -89,15 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="batch mode: prompts at once")
     parser.add_argument("--verbose", action="store_true",
                         help="print the model, its cache slots and the BLAS first")
-    add_adaptive_arguments(parser)
-    add_speculative_arguments(parser)
+    add_decoding_arguments(parser)
     return parser
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.max_tokens is not None and (args.max_tokens == 0 or args.max_tokens < -1):
         raise ConfigError("--max-tokens must be positive (or -1 for no limit)")
     # mlx, mlx-lm and the model only now: --help and bad arguments answer at once

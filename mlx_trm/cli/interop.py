@@ -21,8 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     # the model and mlx-lm only after parsing: --help stays instant
     from ..checkpoint import load_dir_tokenizer, read_model_config, resolve_model_dir
     from ..checkpoint.mlx_lm_files import UNSUPPORTED_KEY, write_mlx_lm_files

@@ -28,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     config = load_config(args.config, args.overrides)
     try:
         from ..training.run import run  # mlx, mlx-lm, the model: after parsing, inside the try
