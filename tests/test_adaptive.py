@@ -114,6 +114,10 @@ def test_bad_settings_are_one_line_errors_naming_the_fix(args, fix):
 def test_a_one_step_model_refuses_adaptive_halting():
     with pytest.raises(ConfigError, match="pass --halt-max-steps N"):
         halt_policy(small_model("dense"), "kl", 0.1)
+    flat = small_model("flat")
+    flat.args.halt_max_steps = 2  # --halt-max-steps 2 on the demo: still nothing to halt
+    with pytest.raises(ConfigError, match="flat transformer .*drop --adaptive-halt"):
+        halt_policy(flat, "kl", 0.1)
 
 
 @pytest.fixture(scope="module")

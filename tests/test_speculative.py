@@ -161,7 +161,7 @@ def test_an_end_of_story_inside_an_accepted_run_stops_the_story(model_dir, monke
 
 def test_flat_models_and_bad_settings_are_refused_in_one_line():
     flat = small_model("flat")
-    with pytest.raises(ConfigError, match="--draft-model"):
+    with pytest.raises(ConfigError, match="is a flat transformer.*--draft-model"):
         speculation(flat, 3, draft_steps=1)
     model = small_model("dense_act")  # 3 ACT steps
     with pytest.raises(ConfigError, match="between 1 and 2"):

@@ -64,7 +64,10 @@ def halt_policy(model: Any, criterion: str, threshold: float = 0.0,
         raise ConfigError(f"--halt-threshold must be >= 0 (got {threshold}); 0 runs every ACT "
                           "step for kl and latent, larger values halt earlier")
     n = model.args.halt_max_steps
-    if model.args.flat_transformer or n < 2:
+    if model.args.flat_transformer:
+        raise ConfigError("--adaptive-halt needs a recursive model; this one is a flat "
+                          "transformer (no ACT steps to halt): drop --adaptive-halt")
+    if n < 2:
         raise ConfigError(f"--adaptive-halt needs a model with more than one ACT step, this one "
                           f"runs {n}; drop --adaptive-halt or pass --halt-max-steps N (N > 1)")
     if min_steps < 1 or min_steps > n:

@@ -79,8 +79,9 @@ def speculation(model: nn.Module, num_draft_tokens: int = 3, draft_steps: int | 
         raise ConfigError(f"--num-draft-tokens must be >= 1 (got {num_draft_tokens})")
     n = model.args.halt_max_steps
     if draft_steps is not None and (model.args.flat_transformer or n < 2):
+        what = "is a flat transformer" if model.args.flat_transformer else f"runs {n}"
         raise ConfigError(f"--draft-steps needs a model with more than one ACT step, this one "
-                          f"runs {n}: nothing earlier to draft with; use --draft-model DIR")
+                          f"{what}: nothing earlier to draft with; use --draft-model DIR")
     if draft_steps is not None and not 1 <= draft_steps < n:
         raise ConfigError(f"--draft-steps must be between 1 and {n - 1}, got {draft_steps}: the "
                           f"model runs {n} ACT steps and the later ones verify the draft")
