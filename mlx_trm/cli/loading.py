@@ -70,7 +70,6 @@ def logits_processors_from_args(args: argparse.Namespace) -> list[Any]:
                                   repetition_context_size=args.repetition_context_size)
 
 
-
 def speculation_from_args(model: nn.Module, tokenizer: Any,
                           args: argparse.Namespace) -> Speculation | None:
     """What --draft-steps / --draft-model / --num-draft-tokens ask for (None without them)."""

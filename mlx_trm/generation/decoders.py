@@ -18,6 +18,7 @@ gets the same compiled step through mlx_trm.interop.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -128,15 +129,16 @@ def compiled_decode_step(model: nn.Module) -> Callable:
 # Decoders
 
 
-class Decoder:
+class Decoder(ABC):
     """The interface of every decoder (see the module's docstring)."""
 
+    @abstractmethod
     def prefill(self) -> mx.array:
-        raise NotImplementedError
+        """Logits [B, V] of the prompts' last position."""
 
+    @abstractmethod
     def __call__(self, tokens: mx.array) -> mx.array:
         """Logits [B, V] of the position after ``tokens`` [B]."""
-        raise NotImplementedError
 
     def step(self, y: mx.array, sample: Sample) -> list[tuple[mx.array, mx.array]]:
         return [sample(self(y))]
