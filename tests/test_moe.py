@@ -104,6 +104,30 @@ def test_switch_head_matches_dense(E, k, H, skewed):
     assert_same_outputs_and_grads(sh, sh, partial(switch_head_dense, sh), a, h)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_few_assignments_skip_the_sort_and_match_dense(tokens, monkeypatch):
+    """A decode step's few assignments go to gather_mm unsorted (no argsort): the same values
+    and gradients as the dense oracle, and as the sorted path forced on the same inputs."""
+    from mlx_trm.models import switch_layers
+    mx.random.seed(31 + tokens)
+    moe = SigmaMoE(32, 8, 24, 2, init_scale=1.0)
+    sh = SwitchHead(32, 2, 4, 2, init_scale=1.0)
+    h = mx.random.normal((2, tokens, 32))
+    a = rms_norm(h)
+    assert 2 * tokens * 2 * 2 < switch_layers.SORT_THRESHOLD  # the most assignments here
+    sorts = []
+    real_sort = switch_layers.gather_sort
+    monkeypatch.setattr(switch_layers, "gather_sort", lambda *a: sorts.append(1) or real_sort(*a))
+    assert_same_outputs_and_grads(moe, moe, partial(sigma_moe_dense, moe), h, a)
+    assert_same_outputs_and_grads(sh, sh, partial(switch_head_dense, sh), a, h)
+    assert not sorts, "few assignments were sorted"
+    unsorted = moe(h, a), sh(a, h)
+    monkeypatch.setattr(switch_layers, "SORT_THRESHOLD", 1)
+    for fast, sort in zip(unsorted, (moe(h, a), sh(a, h))):
+        assert_close(fast, sort, atol=1e-6, what="unsorted vs sorted")
+    assert sorts
+
+
 def np_route(logits: np.ndarray, bias: np.ndarray, k: int, route_scale: float):
     """Reference routing in numpy: top-k on sigmoid(l + b), weights from the unbiased sigmoid."""
     sig = lambda z: 1 / (1 + np.exp(-z))

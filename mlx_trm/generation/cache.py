@@ -111,15 +111,18 @@ class CachePositions:
             self._masks[n] = (col <= row) & ((col >= pad) | (col == row))
         return self._masks[n]
 
-    def rope(self, x: mx.array, freqs: mx.array) -> mx.array:
-        """NeoX RoPE of ``x`` [B, n, T, Dh] (all of Dh) at this batch's positions.
+    def rope(self, x: mx.array, freqs: mx.array, dims: int | None = None) -> mx.array:
+        """NeoX RoPE of the first ``dims`` (default: all) of ``x`` [B, n, T, Dh] at this batch's
+        positions.
 
         The cos/sin table depends only on the positions and ``freqs`` (the wavelengths given to
         ``mx.fast.rope``), so it is built once per forward for each distinct ``freqs`` array and
         reused by every layer application; the angles are computed as mx.fast.rope does.
         """
         if self.capacity is None:
-            return apply_rope(x, freqs, 0)
+            return apply_rope(x, freqs, 0, dims)
+        if dims is not None and dims < x.shape[-1]:  # partial RoPE (SwitchHead): the rest as is
+            return mx.concatenate([self.rope(x[..., :dims], freqs), x[..., dims:]], axis=-1)
         B, n, T, dims = x.shape
         half = dims // 2
         key = (id(freqs), T)
@@ -181,8 +184,8 @@ class KVSlot:
     def make_mask(self, n: int, **kwargs: Any) -> mx.array | str | None:
         return self.positions.make_mask(n)
 
-    def rope(self, x: mx.array, freqs: mx.array) -> mx.array:
-        return self.positions.rope(x, freqs)
+    def rope(self, x: mx.array, freqs: mx.array, dims: int | None = None) -> mx.array:
+        return self.positions.rope(x, freqs, dims)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         pos = self.positions

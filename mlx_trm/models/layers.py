@@ -168,6 +168,16 @@ def apply_rope(x: mx.array, freqs: mx.array, offset: int | mx.array,
                         freqs=freqs)
 
 
+def rope(x: mx.array, freqs: mx.array, cache: Any = None, dims: int | None = None) -> mx.array:
+    """RoPE of the first ``dims`` of ``x`` [B, H, T, Dh] at the positions of ``cache``'s new
+    tokens (0.. without one). A fixed-capacity cache rotates with a cos/sin table it computes once
+    per forward for every layer application (generation/cache.py): a decode step is dominated by
+    per-operation overhead, and on the CPU ``mx.fast.rope`` expands into ~12 operations."""
+    if hasattr(cache, "rope"):
+        return cache.rope(x, freqs, dims)
+    return apply_rope(x, freqs, 0 if cache is None else cache.offset, dims)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, cache: Any = None) -> mx.array:
     """Causal softmax attention over [B, H, T, Dh] tensors, appending k/v to ``cache`` if given.
 
@@ -218,14 +228,7 @@ class Attention(nn.Module):
         else:
             qkv = qkv.reshape(B, T, 3 * H, Dh).transpose(0, 2, 1, 3)
         qk, v = mx.split(qkv, [2 * H], axis=1)
-        # q and k are rotated in one call. A fixed-capacity cache rotates with a cos/sin table it
-        # computes once per forward for all layer applications (a decode step is dominated by
-        # per-operation overhead, and on the CPU mx.fast.rope expands into ~12 operations).
-        if hasattr(cache, "rope"):
-            qk = cache.rope(qk, self._freqs)
-        else:
-            qk = apply_rope(qk, self._freqs, 0 if cache is None else cache.offset)
-        q, k = mx.split(qk, 2, axis=1)
+        q, k = mx.split(rope(qk, self._freqs, cache), 2, axis=1)  # q and k rotated in one call
         out = attention(q, k, v, scale=1 / math.sqrt(Dh), cache=cache)
         if T == 1:
             return self.o_proj(out.reshape(*x.shape[:-1], H * Dh))

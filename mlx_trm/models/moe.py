@@ -2,9 +2,9 @@
 
 Each layer is a :class:`~.router.Router` (which experts, with which weights) plus expert weights
 run by :func:`~.switch_layers.switch_apply` (sort the assignments by expert, one gather_mm per
-matrix, unsort and sum). In a training forward the layers add their router calls to a
-:class:`~.router.RoutingLog` (``record``), from which the step takes the entropy regulariser and
-the expert counts for the bias update.
+matrix, unsort and sum; few assignments skip the sort). In a training forward the layers add
+their router calls to a :class:`~.router.RoutingLog` (``record``), from which the step takes the
+entropy regulariser and the expert counts for the bias update.
 
 Parameter names differ from the PyTorch reference's: the experts are ``SwitchLinear`` modules
 (``keys.weight`` [E, out, in], mlx-lm's layout, so that they quantize) and the routers own their
@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import apply_rope, attention, rope_frequencies
+from .layers import attention, rope, rope_frequencies
 from .router import Router, RoutingLog
 from .switch_layers import SwitchLinear, switch_apply
 
@@ -63,9 +63,9 @@ class SigmaMoE(nn.Module):
             record.add(self.router, logits, idx)
         keys, values = self["keys"], self["values"]
 
-        def expert(rows: mx.array, ids: mx.array) -> mx.array:
-            hidden = nn.relu(keys(rows, ids, sorted_indices=True))
-            return values(hidden, ids, sorted_indices=True)
+        def expert(rows: mx.array, ids: mx.array, sort: bool) -> mx.array:
+            hidden = nn.relu(keys(rows, ids, sorted_indices=sort))
+            return values(hidden, ids, sorted_indices=sort)
 
         D, k = x.shape[-1], self.top_k
         y = switch_apply(x.reshape(-1, D), idx.reshape(-1, k), w.reshape(-1, k), expert)
@@ -118,19 +118,16 @@ class SwitchHead(nn.Module):
         """(logits [B,T,H,E], local indices [B,T,H,k], weights [B,T,H,k]) for v and for o."""
         return self.v_router(a, self.route_scale), self.o_router(a, self.route_scale)
 
-    def qk(self, a: mx.array, offset: int | mx.array = 0) -> tuple[mx.array, mx.array]:
-        """q, k as [B, H, T, P], pre-scaled by P^-1/4 each (SDPA then runs with scale 1).
-
-        ``offset`` is the RoPE position of the first token: an int, or (a left-padded batch
-        cache) an array with one position per row.
-        """
+    def qk(self, a: mx.array, cache: Any = None) -> tuple[mx.array, mx.array]:
+        """q, k as [B, H, T, P], pre-scaled by P^-1/4 each (SDPA then runs with scale 1), RoPE at
+        the positions of ``cache``'s new tokens (from 0 without one)."""
         B, T, _ = a.shape
         pre = self.head_dim ** -0.25
         q = (self.q(a) * pre).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
         k = (self.k(a) * pre).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
         if self.n_rot:
-            q = apply_rope(q, self._freqs, offset, dims=self.n_rot)
-            k = apply_rope(k, self._freqs, offset, dims=self.n_rot)
+            q = rope(q, self._freqs, cache, self.n_rot)
+            k = rope(k, self._freqs, cache, self.n_rot)
         return q, k
 
     def __call__(self, a: mx.array, h: mx.array, cache: Any = None,
@@ -150,17 +147,17 @@ class SwitchHead(nn.Module):
         # v[b, t, h] = sum_j w_v * h[b, t] @ V[h*E + e_j]: one assignment per (token, head, slot).
         experts_v = self.v_router.expert_ids(idx_v).reshape(-1, H, k)
         v = switch_apply(h.reshape(-1, D), experts_v, w_v.reshape(-1, H, k),
-                         lambda rows, ids: self.v(rows, ids, sorted_indices=True))
+                         lambda rows, ids, sort: self.v(rows, ids, sorted_indices=sort))
         v = v.reshape(B, T, H, P).transpose(0, 2, 1, 3)
 
-        q, kk = self.qk(a, 0 if cache is None else cache.offset)
+        q, kk = self.qk(a, cache)
         att = attention(q, kk, v, scale=1.0, cache=cache)  # [B, H, T, P]
 
         # out[b, t] = sum_h sum_j w_o * att[b, t, h] @ O[h*E + e_j]; heads and slots summed at once.
         att = att.transpose(0, 2, 1, 3).reshape(-1, P)
         experts_o = self.o_router.expert_ids(idx_o).reshape(-1, k)
         out = switch_apply(att, experts_o, w_o.reshape(-1, H * k),
-                           lambda rows, ids: self.o(rows, ids, sorted_indices=True))
+                           lambda rows, ids, sort: self.o(rows, ids, sorted_indices=sort))
         return out.reshape(B, T, D)
 
 

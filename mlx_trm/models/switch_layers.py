@@ -3,7 +3,10 @@
 The ``[N, k]`` expert choices are flattened and sorted by expert, each assignment's input row is
 gathered once, and ``mx.gather_mm(..., sorted_indices=True)`` multiplies every row with its
 expert's matrix: k/E of the compute of running every expert on every token (as the PyTorch
-reference does). The outputs are then unsorted and summed with the routing weights.
+reference does). The outputs are then unsorted and summed with the routing weights. Few
+assignments (a decode step) skip the sort, as mlx-lm's ``SwitchGLU`` does: ``gather_mm`` takes
+the expert ids as they come, and the two argsorts and two gathers of the sort would be most of
+the layer's operations.
 
 :class:`SwitchLinear` has mlx-lm's layout and call (``mlx_lm.models.switch_layers``): weight
 ``[E, out, in]``, ``layer(x, indices, sorted_indices)``. So ``nn.quantize`` (and
@@ -35,22 +38,28 @@ def gather_sort(x: mx.array, experts: mx.array) -> tuple[mx.array, mx.array, mx.
     return x[order // per_row][:, None, :], flat[order], inverse
 
 
-def scatter_unsort(y_sorted: mx.array, inverse: mx.array, weights: mx.array) -> mx.array:
-    """Unsort expert outputs [A, 1, Dout] and sum them with ``weights`` [..., S] -> [..., Dout]."""
-    y = y_sorted[inverse].reshape(*weights.shape, -1)
-    return (weights[..., None, :] @ y).squeeze(-2)
+# mlx-lm's threshold (SwitchGLU): sorting pays off from 64 assignments.
+SORT_THRESHOLD = 64
 
 
 def switch_apply(x: mx.array, experts: mx.array, weights: mx.array,
-                 fn: Callable[[mx.array, mx.array], mx.array]) -> mx.array:
+                 fn: Callable[[mx.array, mx.array, bool], mx.array]) -> mx.array:
     """``sum_j weights[n, j] * fn(x[n], experts[n, j])`` for every row n of ``x`` [N, Din].
 
     ``experts`` [N, ...] and ``weights`` [..., S] hold the same assignments (``weights`` may group
-    them differently, e.g. [N, H*k] to sum heads and slots at once); ``fn(rows, ids)`` maps the
-    expert-sorted rows [A, 1, Din] with their expert ids [A] (sorted) to [A, 1, Dout].
+    them differently, e.g. [N, H*k] to sum heads and slots at once); ``fn(rows, ids, sorted)``
+    maps rows [..., 1, Din] with their expert ids [...] to [..., 1, Dout]: the expert-sorted rows
+    [A, 1, Din] with sorted ids [A] (``sorted`` True, from ``SORT_THRESHOLD`` assignments), else
+    each row broadcast against its own ids ([N, 1.., 1, Din] with ``experts``).
     """
-    rows, ids, inverse = gather_sort(x, experts)
-    return scatter_unsort(fn(rows, ids), inverse, weights)
+    if experts.size >= SORT_THRESHOLD:
+        rows, ids, inverse = gather_sort(x, experts)
+        y = fn(rows, ids, True)[inverse]
+    else:
+        rows = x.reshape(x.shape[0], *[1] * experts.ndim, x.shape[-1])
+        y = fn(rows, experts, False)
+    y = y.reshape(*weights.shape, -1)
+    return (weights[..., None, :] @ y).squeeze(-2)
 
 
 # (group size, bits) that mx.quantize uses for each mode when none are given.
