@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import decode_ab  # noqa: E402
 import moe_layers  # noqa: E402
 import tokens_per_second as tps  # noqa: E402
 
@@ -149,3 +150,19 @@ def test_speculative_benchmark_checks_ids_and_times_a_round(tmp_path: Path, caps
     assert speculative.main([*common, "--costs"]) == []
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].startswith("| 1 | 2 |") and lines[-1].startswith("| 1 | 3 |")
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".git").exists(),
+                    reason="needs the git repository")
+def test_decode_ab_times_a_commit_beside_this_checkout(capsys: pytest.CaptureFixture) -> None:
+    rows = decode_ab.main(["--before", "HEAD", "--configs", "trm_tinystories_1m_noact_1l",
+                           "--batch-size", "2", "--rounds", "2", "--max-tokens", "3"])
+    (row,) = rows
+    assert row["same_ids"] and row["batch"] == 2 and row["before"] > 0 and row["after"] > 0
+    assert len(row["rounds"]["before"]) == len(row["rounds"]["after"]) == 2
+    import mlx_trm.models
+    before = sys.modules["mlx_trm_before.models"]
+    assert Path(before.__file__).parent != Path(mlx_trm.models.__file__).parent
+    assert "| trm_tinystories_1m_noact_1l | 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="name a commit of this repository"):
+        decode_ab.main(["--before", "no-such-commit", "--configs", "trm_tinystories_1m_noact_1l"])
