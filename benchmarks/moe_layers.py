@@ -119,7 +119,7 @@ def bench_moe_layers(tokens: int = 4096, seq_len: int = 512, repeats: int = 10,
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch (x512 rows)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per variant (max)")
@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop timing a variant after this many seconds (min 3 runs)")
     parser.add_argument("--no-compile", action="store_true", help="skip the mx.compile variant")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.tokens % 512:
         parser.error("--tokens must be a multiple of 512 (rows of 512 positions)")

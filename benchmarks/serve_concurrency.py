@@ -82,14 +82,18 @@ def concurrent(base: str, prompts: list[str], max_tokens: int) -> list[float]:
         return list(pool.map(lambda p: chat(base, p, max_tokens), prompts))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlx_trm/assets/model")
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--long-tokens", type=int, default=2000)
     parser.add_argument("--log", default="/tmp/serve_concurrency.log")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     port = free_port()
     base = f"http://127.0.0.1:{port}"

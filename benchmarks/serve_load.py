@@ -327,7 +327,7 @@ def print_summary(s: dict[str, Any], model: str) -> bool:
     return all(p == t for p, t in checks.values())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlx_trm/assets/model")
     parser.add_argument("--clients", type=int, default=32)
@@ -340,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-args", default="",
                         help='more mlx_lm.server flags, e.g. "--prompt-cache-size 2"')
     parser.add_argument("--json", default=None, help="write the load summary here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     seq_len = json.loads((Path(args.model) / "config.json").read_text())["seq_len"]
     port = free_port()
     base = f"http://127.0.0.1:{port}"

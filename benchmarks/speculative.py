@@ -107,7 +107,7 @@ def settings(args, model) -> list[tuple[str, dict]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", default="tinystories-sample")
@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--costs", action="store_true",
                         help="only time one draft pass and one verification pass per setting "
                              "against one plain decode step")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
 
     prepare_cpu_backend()
     model, tokenizer = load(args.model)

@@ -342,7 +342,7 @@ def markdown_table(records: list[dict[str, Any]], env: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Tokens per second of mlx_trm: training step, generation, MoE layers.",
         epilog="Defaults take about 10 minutes on a 2-core Linux CPU with OpenBLAS.")
@@ -375,6 +375,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the records here")
     parser.add_argument("--markdown", action="store_true",
                         help="also print the table as GitHub markdown")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("repeats", "seq_len", "prompt_tokens"):
         if getattr(args, flag) < 1:
