@@ -185,7 +185,7 @@ def plot(result: dict, path: Path, base: dict | None) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "adaptive" / "dense_act")
     parser.add_argument("--data", default="tinystories-sample")
@@ -204,7 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--resume", action="store_true", help="keep the points already in the JSON")
     parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         from mlx_trm.blas import prepare_cpu_backend

@@ -237,7 +237,7 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
         print("matplotlib is not installed: no plot (pip install -e '.[plot]')", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="tinystories-sample",
                         help="stories (default: the TinyStories sample shipped in the package)")
@@ -260,7 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results.md and the plots from --out/results.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.report_only:
         saved = json.loads((args.out / "results.json").read_text())
         write_report(saved["variants"], saved["meta"], args.out)

@@ -57,12 +57,16 @@ def make_demo(run_dir: Path, out: Path = DEMO, note: str = "") -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory written by mlx_trm.train")
     parser.add_argument("--out", type=Path, default=DEMO)
     parser.add_argument("--note", default="", help="how the run was made (the command)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     out = make_demo(args.run_dir, args.out, args.note)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")

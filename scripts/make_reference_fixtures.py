@@ -323,11 +323,15 @@ def ref_commit(ref: str) -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     ref_dir = os.environ.get("REF_REPO")
     if not ref_dir:
         raise SystemExit("error: set REF_REPO to a checkout of jhspaybar/TinyRecursiveModels")

@@ -130,7 +130,7 @@ def plot_test_time(rows: list[dict], out: Path, baseline: float | None = None) -
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
     parser.add_argument("--out", type=Path, default=Path("loss_curves.png"))
@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", type=float, default=None, help="draw a horizontal line")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: the "
                         "run directory's name)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit(f"error: {len(args.labels)} --labels for {len(args.runs)} runs; give "
                          "one label per run")

@@ -33,7 +33,7 @@ from rich.table import Table  # noqa: E402
 from mlx_trm.config import ConfigError  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="file, directory or hub dataset id")
     parser.add_argument("--split", default="train", help="train, validation or test")
@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--max-stories", type=int, default=None)
     parser.add_argument("--rebuild", action="store_true", help="re-tokenize even if cached")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     try:
         from mlx_trm.data.batches import load_tokens, token_stats

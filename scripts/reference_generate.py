@@ -87,12 +87,16 @@ def load_three_ways(ref, path: Path, state: dict):
     return model, tokenizer
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a .pt written by mlx_trm.convert")
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--max-tokens", type=int, default=20)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     ref_dir = os.environ.get("REF_REPO")
     if not ref_dir:
         raise SystemExit("error: set REF_REPO to a checkout of jhspaybar/TinyRecursiveModels")

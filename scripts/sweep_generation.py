@@ -92,8 +92,7 @@ def sweep(args: argparse.Namespace) -> dict:
     }
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory")
     parser.add_argument("--tokenizer", default=None, help="if the model directory has none")
@@ -107,7 +106,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON results (default: generation_sweep_results.json in --model)")
     parser.add_argument("--no-cache", action="store_true", help="the reference's re-forward loop")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.max_tokens < 1:
         raise ConfigError("--max-tokens must be >= 1")
     results = sweep(args)

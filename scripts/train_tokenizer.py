@@ -26,7 +26,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from mlx_trm.config import ConfigError  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="stories: file, directory or hub id")
     parser.add_argument("--vocab-size", type=int, default=10_000)
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-field", default="text", help="jsonl/parquet/hub text field")
     parser.add_argument("--max-stories", type=int, default=None,
                         help="train on the first N stories only (for very large corpora)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         from mlx_trm.data.sources import load_stories
         from mlx_trm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
