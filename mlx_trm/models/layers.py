@@ -170,10 +170,17 @@ def apply_rope(x: mx.array, freqs: mx.array, offset: int | mx.array,
 
 def rope(x: mx.array, freqs: mx.array, cache: Any = None, dims: int | None = None) -> mx.array:
     """RoPE of the first ``dims`` of ``x`` [B, H, T, Dh] at the positions of ``cache``'s new
-    tokens (0.. without one). A fixed-capacity cache rotates with a cos/sin table it computes once
-    per forward for every layer application (generation/cache.py): a decode step is dominated by
-    per-operation overhead, and on the CPU ``mx.fast.rope`` expands into ~12 operations."""
-    if hasattr(cache, "rope"):
+    tokens (0.. without one).
+
+    A fixed-capacity cache rotates with a cos/sin table it computes once per forward for every
+    layer application (generation/cache.py): a decode step is dominated by per-operation
+    overhead, and on the CPU ``mx.fast.rope`` expands into ~12 operations. On Apple silicon
+    ``mx.fast.rope`` is one kernel, as the table's rotation of all of Dh is (one fused
+    elementwise kernel); a partial rotation (SwitchHead's) would add a copy and a concatenation
+    to the table's, so there it stays with ``mx.fast.rope``.
+    """
+    partial = dims is not None and dims < x.shape[-1]
+    if hasattr(cache, "rope") and not (partial and metal_kernels()):
         return cache.rope(x, freqs, dims)
     return apply_rope(x, freqs, 0 if cache is None else cache.offset, dims)
 
