@@ -63,12 +63,16 @@ def side(package: str) -> dict[str, Any]:
     ``generate_tokens`` (found where either layout keeps it)."""
     config = importlib.import_module(f"{package}.config")
     models = importlib.import_module(f"{package}.models")
+    generate: ModuleType | None = None
     for where in ("generation.generate", "generate"):
         try:
-            generate: ModuleType = importlib.import_module(f"{package}.{where}")
+            generate = importlib.import_module(f"{package}.{where}")
             break
-        except ImportError:
+        except ModuleNotFoundError:
             continue
+    if generate is None or not hasattr(generate, "generate_tokens"):
+        raise SystemExit(f"error: {package} has no generate_tokens (in generation/generate.py or "
+                         "generate.py); name a commit from after the cached decoder was written")
     return {"load_config": config.load_config, "build_model": models.build_model,
             "generate_tokens": generate.generate_tokens}
 
@@ -134,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_tokens < 2 or args.rounds < 1 or args.prompt_tokens < 1:
+        parser.error("--max-tokens must be at least 2 (the first token is not timed), --rounds "
+                     "and --prompt-tokens at least 1")
     known = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
     for name in args.configs:
         if name not in known:

@@ -164,5 +164,8 @@ def test_decode_ab_times_a_commit_beside_this_checkout(capsys: pytest.CaptureFix
     before = sys.modules["mlx_trm_before.models"]
     assert Path(before.__file__).parent != Path(mlx_trm.models.__file__).parent
     assert "| trm_tinystories_1m_noact_1l | 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse's usage error: the first token is not timed
+        decode_ab.main(["--before", "HEAD", "--max-tokens", "1"])
+    assert "--max-tokens must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="name a commit of this repository"):
         decode_ab.main(["--before", "no-such-commit", "--configs", "trm_tinystories_1m_noact_1l"])
