@@ -127,11 +127,11 @@ def decode_into_mlx_lm_cache(model: TRMModel, tokens: mx.array, cache: list) -> 
     first = cache[0]
     capacity = first.keys.shape[2]
     batched = type(first) is lm_cache.BatchKVCache
-    keys = [c.keys[..., :column, :] if column + 1 > capacity else c.keys for c in cache]
-    values = [c.values[..., :column, :] if column + 1 > capacity else c.values for c in cache]
+    keys, values = [c.keys for c in cache], [c.values for c in cache]
     if column + 1 > capacity:  # full: grow every slot by mlx-lm's own block
         grow = [(0, 0), (0, 0), (0, first.step), (0, 0)]
-        keys, values = [mx.pad(k, grow) for k in keys], [mx.pad(v, grow) for v in values]
+        keys = [mx.pad(k[..., :column, :], grow) for k in keys]
+        values = [mx.pad(v[..., :column, :], grow) for v in values]
     B = tokens.shape[0]
     left_padding = (first.left_padding.astype(mx.int32) if batched
                     else mx.zeros((B,), dtype=mx.int32))
