@@ -197,14 +197,17 @@ class CachedDecoder(Decoder):
 
     def __call__(self, tokens: mx.array) -> mx.array:
         (logits,) = self.run(self._step, tokens, self.cache)
-        self.positions.advance(1)
-        self.length += 1
+        self.advance(1)
         return logits[:, -1]
+
+    def advance(self, n: int) -> None:
+        """The last forward wrote ``n`` more positions of every slot: the next go after them."""
+        self.positions.advance(n)
+        self.length += n
 
     def rewind(self, n: int) -> None:
         """Forget the last ``n`` positions of every slot."""
-        self.positions.rewind(n)
-        self.length -= n
+        self.advance(-n)
 
 
 class FullForwardDecoder(Decoder):

@@ -163,10 +163,9 @@ class SpeculativeDecoder(CachedDecoder):
         agree = (mx.stack(drafts, axis=1) == tokens[:, :K]).astype(mx.int32)
         accepted = mx.cumprod(agree, axis=1).sum(axis=1).min().item()  # the round's one sync
         n = accepted + 1
-        # columns L .. L+n-1 hold y and the first n-1 emitted tokens; drop the rest
-        self.positions.advance(K + 1)
-        self.length += K + 1
-        self.rewind(K + 1 - n)
+        # keep columns L .. L+n-1 (y and the first n-1 emitted tokens); those after are masked
+        # and written over later
+        self.advance(n)
         if self.drafter is not None:
             self.drafter.rewind(K + 1 - n)
         s = self.spec
@@ -187,8 +186,7 @@ class SpeculativeDecoder(CachedDecoder):
                 logits = self.drafter(x)
             else:
                 logits, h, l_ = self.run(self.draft_pass, x, self.cache[:self.split])
-                self.positions.advance(1)
-                self.length += 1
+                self.advance(1)
                 z_H.append(h.reshape(h.shape[0], -1))
                 z_L.append(l_.reshape(l_.shape[0], -1))
             if i < K:
