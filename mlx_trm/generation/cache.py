@@ -5,8 +5,8 @@ block application, in every H cycle and ACT step) maps the sequence position by 
 for causal attention, so a stage's output at position p depends only on its inputs at positions
 <= p, and by induction so does every latent. Running new positions through the stages in order,
 appending their keys and values (after RoPE) to the slot of each layer application, therefore
-gives exactly the full re-forward's result, and moving the write column back by n (``rewind``)
-leaves exactly the cache of the shorter sequence. The model consumes the slots in execution
+gives exactly the full re-forward's result, and moving the write column back by n (a
+decoder's ``rewind``) leaves exactly the cache of the shorter sequence. The model consumes the slots in execution
 order: ``halt_max_steps * H_cycles * (L_cycles + 1) * L_layers`` of them, ACT step by ACT step,
 so the slots of ACT step k are ``cache[k * S:(k + 1) * S]`` with ``S`` the layer applications of
 one step.
@@ -47,8 +47,8 @@ class CachePositions:
     prompt is left-padded by ``left_padding[b]`` columns, so its RoPE position at column ``c`` is
     ``c - left_padding[b]`` and columns before ``left_padding[b]`` are masked from every query.
     Every slot is written at the same column during a forward; the caller moves ``index`` once
-    the forward has run (:meth:`advance`, :meth:`rewind`). ``capacity`` None: no buffers, the
-    new positions are the whole sequence from position 0.
+    the forward has run (:meth:`advance`). ``capacity`` None: no buffers, the new positions are
+    the whole sequence from position 0.
     """
 
     def __init__(self, index: mx.array | None = None, left_padding: mx.array | None = None,
@@ -140,14 +140,11 @@ class CachePositions:
         return (halves * cos + halves[..., ::-1, :] * signed_sin).reshape(B, n, T, dims)
 
     def advance(self, n: int) -> None:
-        """The forward's ``n`` new positions are written: the next ones go after them."""
+        """The forward's ``n`` new positions are written: the next ones go after them. A
+        negative ``n`` drops the last ``-n`` (speculative decoding's trim): columns past the write
+        column are masked from every query and written over later."""
         self.index = self.index + n
         self._reset()
-
-    def rewind(self, n: int) -> None:
-        """Drop the last ``n`` written positions of every slot (speculative decoding's trim):
-        columns past the write column are masked from every query and overwritten later."""
-        self.advance(-n)
 
     def grow(self, slots: list[KVSlot], extra: int) -> None:
         """Append ``extra`` empty columns to every buffer (a compiled step retraces once per
