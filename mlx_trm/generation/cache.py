@@ -6,10 +6,10 @@ for causal attention, so a stage's output at position p depends only on its inpu
 <= p, and by induction so does every latent. Running new positions through the stages in order,
 appending their keys and values (after RoPE) to the slot of each layer application, therefore
 gives exactly the full re-forward's result, and moving the write column back by n (a
-decoder's ``rewind``) leaves exactly the cache of the shorter sequence. The model consumes the slots in execution
-order: ``halt_max_steps * H_cycles * (L_cycles + 1) * L_layers`` of them, ACT step by ACT step,
-so the slots of ACT step k are ``cache[k * S:(k + 1) * S]`` with ``S`` the layer applications of
-one step.
+decoder's ``rewind``) leaves exactly the cache of the shorter sequence. The model consumes the
+slots in execution order: ``halt_max_steps * H_cycles * (L_cycles + 1) * L_layers`` of them, ACT
+step by ACT step, so the slots of ACT step k are ``cache[k * S:(k + 1) * S]`` with ``S`` the
+layer applications of one step.
 
 Slots keep the contract of mlx-lm's caches that the attention code reads (``layers.attention``):
 ``offset`` (RoPE positions), ``make_mask(T, ...)`` and ``update_and_fetch(k, v)``, plus
